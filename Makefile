@@ -1,0 +1,28 @@
+# Two entry points for a fresh machine: `make demo` (the main job end to end) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test bench clean
+
+setup: $(VENV)/.installed
+
+# torch is installed first, pinned, so pip takes the CPU wheel on disk (/opt/wheels here) rather
+# than resolving a multi-GB CUDA build for the other packages.
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -c constraints.txt torch
+	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
+	touch $@
+
+demo: setup
+	$(BIN)/python -m unet_dist.demo $(ARGS)
+
+test: setup
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q $(ARGS)
+
+bench: setup
+	$(BIN)/python benchmarks/run_all.py $(ARGS)
+
+clean:
+	rm -rf demo-work runs .pytest_cache

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Train on several machines with torchrun: run this same command on every node.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+usage() {
+    cat <<EOF2
+Usage: NNODES=N NODE_RANK=I MASTER_ADDR=HOST jobs/torchrun_multi.sh [KEY=VALUE | --set KEY=VALUE]...
+
+Run on each of the NNODES machines (same RUN_ID and MASTER_ADDR everywhere):
+  torchrun --nnodes=\$NNODES --node-rank=\$NODE_RANK --nproc-per-node=\$NPROC \\
+           --rdzv-backend=c10d --rdzv-endpoint=\$MASTER_ADDR:\$MASTER_PORT --rdzv-id=\$RUN_ID \\
+           --max-restarts=\$MAX_RESTARTS -m unet_dist.train --config \$CONFIG [--set ...]
+The c10d rendezvous is hosted by the node whose address is MASTER_ADDR. train.checkpoint_dir
+must be storage every node sees (NFS, a shared volume) so a restart resumes everywhere.
+
+Environment (default):
+  NNODES        number of nodes, or MIN:MAX for elastic membership (required)
+  NODE_RANK     this node's rank, 0..NNODES-1 (required; c10d may reassign ranks)
+  MASTER_ADDR   host name or address of the rendezvous node (required)
+  MASTER_PORT   rendezvous port, open between the nodes (29500)
+  RUN_ID        rendezvous id shared by all nodes of one run (unet-dist)
+  CONFIG        config file (jobs/configs/cityscapes.yaml)
+  NPROC         processes per node: auto, gpu, cpu or a number (auto)
+  MAX_RESTARTS  worker-group restarts before giving up (3)
+  TORCHRUN      torchrun executable (torchrun)
+  DRY_RUN=1     print the command instead of running it
+EOF2
+}
+
+[[ "${1:-}" == "-h" || "${1:-}" == "--help" ]] && { usage; exit 0; }
+[[ -n "${NNODES:-}" ]] || die "NNODES is not set (number of nodes, e.g. NNODES=2)"
+[[ -n "${NODE_RANK:-}" ]] || die "NODE_RANK is not set (0 on the first node, 1 on the next, ...)"
+[[ -n "${MASTER_ADDR:-}" ]] || die "MASTER_ADDR is not set (the rendezvous node's host name or address)"
+CONFIG="${CONFIG:-jobs/configs/cityscapes.yaml}"
+resolve_config
+to_set_args "$@"
+
+run "${TORCHRUN:-torchrun}" \
+    --nnodes="$NNODES" \
+    --node-rank="$NODE_RANK" \
+    --nproc-per-node="${NPROC:-auto}" \
+    --rdzv-backend=c10d \
+    --rdzv-endpoint="$MASTER_ADDR:${MASTER_PORT:-29500}" \
+    --rdzv-id="${RUN_ID:-unet-dist}" \
+    --max-restarts="${MAX_RESTARTS:-3}" \
+    -m unet_dist.train --config "$CONFIG" "${SET_ARGS[@]}"

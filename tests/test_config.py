@@ -1,0 +1,77 @@
+"""Configuration: typed dataclasses from YAML and --set, with errors that name the key and the file."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from unet_dist.config import Config, flatten, load_config
+from unet_dist.errors import UnetDistError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_then_file_then_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  steps: 50\n  crop: [32, 48]\nmodel:\n  width: 8\n")
+    cfg = load_config(f, ["train.steps=70", "train.lr=1", "data.resize=null", "mlflow.run_name=x"])
+    assert cfg.train.steps == 70 and cfg.train.crop == [32, 48] and cfg.model.width == 8
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+    assert cfg.data.resize is None and cfg.mlflow.run_name == "x"
+    assert cfg.model.depth == Config().model.depth
+
+
+def test_unknown_key_in_file_names_key_and_file(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("train:\n  stepz: 5\n")
+    with pytest.raises(UnetDistError, match=r"bad\.yaml: unknown key 'train\.stepz'"):
+        load_config(f)
+
+
+def test_wrong_type_names_key_and_expected_type(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("train:\n  steps: many\n")
+    with pytest.raises(UnetDistError, match=r"bad\.yaml: key 'train\.steps' expects int, got 'many'"):
+        load_config(f)
+    with pytest.raises(UnetDistError, match=r"--set train\.use_gpu: key 'train\.use_gpu' expects bool"):
+        load_config(None, ["train.use_gpu=3"])
+
+
+def test_choice_keys_reject_values_outside_their_set():
+    with pytest.raises(UnetDistError, match=r"'model\.padding' must be one of same\|valid"):
+        load_config(None, ["model.padding=full"])
+
+
+def test_section_must_be_a_mapping_and_file_must_exist(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("train: 3\n")
+    with pytest.raises(UnetDistError, match="expects a mapping"):
+        load_config(f)
+    with pytest.raises(UnetDistError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_every_shipped_config_loads():
+    for f in sorted((REPO / "jobs" / "configs").glob("*.yaml")):
+        load_config(f)
+
+
+def test_readme_documents_every_key():
+    readme = (REPO / "README.md").read_text()
+    missing = [k for k in flatten(Config()) if f"`{k}`" not in readme]
+    assert not missing, f"README Configuration section lacks: {missing}"
+
+
+@pytest.mark.parametrize("module", ["preprocess", "train", "evaluate", "predict", "synth", "demo"])
+def test_every_entry_point_has_help(module):
+    out = subprocess.run([sys.executable, "-m", f"unet_dist.{module}", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "usage:" in out.stdout
+
+
+def test_unknown_key_on_command_line_is_one_line_error():
+    out = subprocess.run([sys.executable, "-m", "unet_dist.train", "--set", "train.bogus=1"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [out.stderr.strip()]
+    assert "unknown key 'train.bogus'" in out.stderr

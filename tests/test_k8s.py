@@ -1,0 +1,461 @@
+"""The Kubernetes kit renders, validates offline and holds together.
+
+Every kustomization under k8s/ is rendered with the real `kubectl kustomize`; built-in objects (and
+the pod templates inside custom resources) are checked against the Kubernetes OpenAPI schema by
+`kubernetes-validate`; custom resources are checked for the fields their operators need; names,
+Services, config files, entry points and security settings are cross-checked across each
+deployment (an overlay's infrastructure plus its launchers, as they are applied together).
+"""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+K8S = REPO / "k8s"
+KUBE_VERSION = "1.32"  # the oldest API we target; kubectl here is v1.32
+NAMESPACE = "unet-dist"
+UID = 1000
+MLFLOW_URI = f"http://mlflow.{NAMESPACE}.svc.cluster.local:5000"
+LAUNCHERS = ("ray", "trainjob", "pytorchjob")
+OVERLAYS = ("cpu-smoke", "gpu")
+# What `python -m unet_dist.X` may name: the project's entry points.
+ENTRY_POINTS = {"preprocess", "train", "evaluate", "predict", "demo", "synth"}
+BUILT_IN = {"v1", "apps/v1", "batch/v1"}
+SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|CREDENTIAL|(^|_)KEY($|_)", re.IGNORECASE)
+# A resource quantity, as the API server parses it (the OpenAPI schema only says "string").
+QUANTITY = re.compile(r"^(\d+(\.\d+)?|\.\d+)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei|[eE][+-]?\d+)?$")
+
+KUBECTL = shutil.which("kubectl")
+
+
+def kustomizations() -> list[str]:
+    dirs = ["base", *(f"base/{x}" for x in LAUNCHERS)]
+    for overlay in OVERLAYS:
+        dirs += [f"overlays/{overlay}", *(f"overlays/{overlay}/{x}" for x in LAUNCHERS)]
+    return dirs
+
+
+_RENDERED: dict[str, list[dict]] = {}
+
+
+def render(rel: str) -> list[dict]:
+    """The objects `kubectl kustomize k8s/<rel>` renders (once per session)."""
+    if KUBECTL is None:
+        pytest.skip("kubectl is not on PATH: cannot render the kustomizations (CI has it)")
+    if rel not in _RENDERED:
+        proc = subprocess.run([KUBECTL, "kustomize", str(K8S / rel)], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, f"kubectl kustomize k8s/{rel} failed:\n{proc.stderr}"
+        _RENDERED[rel] = [d for d in yaml.safe_load_all(proc.stdout) if d]
+    return _RENDERED[rel]
+
+
+def deployment(overlay: str) -> list[dict]:
+    """Everything one overlay applies: its infrastructure and all its launchers."""
+    return [obj for rel in (f"overlays/{overlay}", *(f"overlays/{overlay}/{x}" for x in LAUNCHERS)) for obj in render(rel)]
+
+
+def walk(node, path=()):
+    """Every (path, value) in a nested structure."""
+    yield path, node
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from walk(v, (*path, k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from walk(v, (*path, i))
+
+
+def where(obj: dict) -> str:
+    return f"{obj['kind']}/{obj['metadata']['name']}"
+
+
+def pod_specs(obj: dict) -> list[tuple[tuple, dict]]:
+    """Every pod spec in an object, built-in or custom: a mapping that holds a `containers` list."""
+    return [(p, v) for p, v in walk(obj) if isinstance(v, dict) and isinstance(v.get("containers"), list)]
+
+
+def pod_templates(obj: dict) -> list[tuple[tuple, dict]]:
+    """Every pod template ({metadata, spec}) in an object: the parent of each pod spec."""
+    found = []
+    for path, spec in pod_specs(obj):
+        parent = obj
+        for key in path[:-1]:
+            parent = parent[key]
+        if path and path[-1] == "spec" and isinstance(parent, dict):
+            found.append((path[:-1], parent))
+    return found
+
+
+def containers(spec: dict) -> list[dict]:
+    return [*spec.get("initContainers", []), *spec["containers"]]
+
+
+def command_strings(obj: dict) -> list[str]:
+    """The commands an object runs: container command/args, RayJob entrypoint, TrainJob trainer."""
+    out = []
+    for path, value in walk(obj):
+        if path and path[-1] in ("command", "args") and isinstance(value, list):
+            out.append(" ".join(map(str, value)))
+        elif path and path[-1] == "entrypoint" and isinstance(value, str):
+            out.append(value)
+    return out
+
+
+@pytest.mark.parametrize("rel", kustomizations())
+def test_every_kustomization_renders_into_the_namespace(rel):
+    objects = render(rel)
+    assert objects, f"k8s/{rel} renders nothing"
+    for obj in objects:
+        assert obj.get("apiVersion") and obj.get("kind") and obj.get("metadata", {}).get("name"), obj
+        if obj["kind"] != "Namespace":
+            assert obj["metadata"].get("namespace") == NAMESPACE, f"k8s/{rel}: {where(obj)} is not in {NAMESPACE}"
+
+
+@pytest.mark.parametrize("rel", kustomizations())
+def test_built_in_objects_validate_against_the_kubernetes_schema(rel):
+    built_in = [o for o in render(rel) if o["apiVersion"] in BUILT_IN]
+    for obj in built_in:
+        try:
+            kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            pytest.fail(f"k8s/{rel}: {where(obj)} at {'.'.join(map(str, e.path))}: {e.message}")
+    unknown = {o["apiVersion"] for o in render(rel)} - BUILT_IN - {"ray.io/v1", "trainer.kubeflow.org/v1alpha1", "kubeflow.org/v1"}
+    assert not unknown, f"k8s/{rel}: unexpected API versions {unknown}"
+
+
+@pytest.mark.parametrize("rel", kustomizations())
+def test_pod_templates_inside_custom_resources_validate_as_pod_templates(rel):
+    custom = [o for o in render(rel) if o["apiVersion"] not in BUILT_IN]
+    for obj in custom:
+        templates = pod_templates(obj)
+        assert templates or obj["kind"] == "TrainJob", f"{where(obj)}: no pod template found"
+        for path, template in templates:
+            wrapped = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "check"}, "template": template}
+            try:
+                kubernetes_validate.validate(wrapped, KUBE_VERSION, strict=True)
+            except kubernetes_validate.ValidationError as e:
+                pytest.fail(f"k8s/{rel}: {where(obj)} {'.'.join(map(str, path))} at "
+                            f"{'.'.join(map(str, e.path))}: {e.message}")
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_custom_resources_carry_the_fields_their_operators_require(overlay):
+    by_kind = {}
+    for obj in deployment(overlay):
+        by_kind.setdefault(obj["kind"], []).append(obj)
+    assert {"RayJob", "TrainJob", "TrainingRuntime", "PyTorchJob"} <= set(by_kind), overlay
+
+    for job in by_kind["RayJob"]:
+        spec = job["spec"]
+        assert job["apiVersion"] == "ray.io/v1"
+        assert spec["entrypoint"].startswith("python -m unet_dist.train ")
+        env_vars = yaml.safe_load(spec["runtimeEnvYAML"])["env_vars"]
+        assert env_vars["MLFLOW_TRACKING_URI"] == MLFLOW_URI
+        assert not {"pip", "conda", "uv", "working_dir"} & set(yaml.safe_load(spec["runtimeEnvYAML"]))
+        assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0
+        cluster = spec["rayClusterSpec"]
+        assert cluster["headGroupSpec"]["template"]["spec"]["containers"]
+        assert all(isinstance(v, str) for v in cluster["headGroupSpec"]["rayStartParams"].values())
+        assert cluster["workerGroupSpecs"], "RayJob needs at least one worker group"
+        for group in cluster["workerGroupSpecs"]:
+            assert group["groupName"] and group["template"]["spec"]["containers"]
+            assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+
+    runtimes = {r["metadata"]["name"]: r for r in by_kind["TrainingRuntime"]}
+    for job in by_kind["TrainJob"]:
+        assert job["apiVersion"] == "trainer.kubeflow.org/v1alpha1"
+        ref = job["spec"]["runtimeRef"]
+        assert ref["name"] == "torch-distributed"
+        if ref.get("kind") == "TrainingRuntime":
+            assert ref["name"] in runtimes, f"TrainJob names a TrainingRuntime {ref['name']} that is not defined"
+        trainer = job["spec"]["trainer"]
+        assert trainer["numNodes"] >= 1 and trainer["command"][0] == "torchrun"
+        assert not [e for e in trainer.get("env", []) if e["name"].startswith("PET_")], "PET_* are reserved"
+    for runtime in runtimes.values():
+        assert runtime["spec"]["mlPolicy"]["torch"] is not None
+        jobs = runtime["spec"]["template"]["spec"]["replicatedJobs"]
+        node = [j for j in jobs if j["name"] == "node"]
+        assert node, "the Torch plugin drives the replicated job named 'node'"
+        assert node[0]["template"]["metadata"]["labels"]["trainer.kubeflow.org/trainjob-ancestor-step"] == "trainer"
+        assert [c["name"] for c in node[0]["template"]["spec"]["template"]["spec"]["containers"]] == ["node"]
+
+    for job in by_kind["PyTorchJob"]:
+        assert job["apiVersion"] == "kubeflow.org/v1"
+        replicas = job["spec"]["pytorchReplicaSpecs"]
+        assert set(replicas) <= {"Master", "Worker"} and "Master" in replicas
+        assert replicas["Master"]["replicas"] == 1
+        for role, rs in replicas.items():
+            assert rs["restartPolicy"] == "OnFailure", role
+            names = [c["name"] for c in rs["template"]["spec"]["containers"]]
+            assert "pytorch" in names, f"PyTorchJob {role}: the operator needs a container named 'pytorch'"
+
+
+def external_secrets() -> set[str]:
+    lines = (K8S / "EXTERNAL_SECRETS").read_text().splitlines()
+    return {line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_referenced_object_is_defined(overlay):
+    objects = deployment(overlay)
+    defined: dict[str, set[str]] = {}
+    for o in objects:
+        defined.setdefault(o["kind"], set()).add(o["metadata"]["name"])
+    pvcs, config_maps = defined.get("PersistentVolumeClaim", set()), defined.get("ConfigMap", set())
+    secrets_ok = defined.get("Secret", set()) | external_secrets()
+    services = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Service"}
+    problems = []
+    for obj in objects:
+        for path, v in walk(obj):
+            if not isinstance(v, dict):
+                continue
+            if "persistentVolumeClaim" in v and v["persistentVolumeClaim"]["claimName"] not in pvcs:
+                problems.append(f"{where(obj)}: PVC {v['persistentVolumeClaim']['claimName']}")
+            for key in ("secretKeyRef", "secretRef"):
+                if key in v and v[key]["name"] not in secrets_ok:
+                    problems.append(f"{where(obj)}: Secret {v[key]['name']} (not defined, not in k8s/EXTERNAL_SECRETS)")
+            if "secret" in v and isinstance(v["secret"], dict) and v["secret"].get("secretName") not in secrets_ok:
+                problems.append(f"{where(obj)}: Secret volume {v['secret'].get('secretName')}")
+            for key in ("configMapKeyRef", "configMapRef"):
+                if key in v and v[key]["name"] not in config_maps:
+                    problems.append(f"{where(obj)}: ConfigMap {v[key]['name']}")
+            if "configMap" in v and isinstance(v["configMap"], dict) and v["configMap"].get("name") not in config_maps:
+                problems.append(f"{where(obj)}: ConfigMap volume {v['configMap'].get('name')}")
+        if obj["kind"] == "StatefulSet" and obj["spec"]["serviceName"] not in services:
+            problems.append(f"{where(obj)}: serviceName {obj['spec']['serviceName']}")
+        # Volume mounts name volumes of their own pod (or the StatefulSet's claim templates).
+        claim_templates = {t["metadata"]["name"] for t in obj.get("spec", {}).get("volumeClaimTemplates", [])}
+        for path, spec in pod_specs(obj):
+            volumes = {v["name"] for v in spec.get("volumes", [])} | claim_templates
+            for c in containers(spec):
+                for m in c.get("volumeMounts", []):
+                    if m["name"] not in volumes:
+                        problems.append(f"{where(obj)}: container {c['name']} mounts unknown volume {m['name']}")
+    # Every Service selects some pod template of the deployment.
+    pod_labels = [(t.get("metadata") or {}).get("labels", {}) for o in objects for _, t in pod_templates(o)]
+    for name, svc in services.items():
+        selector = svc["spec"].get("selector", {})
+        if not any(selector.items() <= labels.items() for labels in pod_labels):
+            problems.append(f"Service/{name}: selector {selector} matches no pod template")
+    # Host names in URLs and commands point at defined Services, on ports they expose.
+    for obj in objects:
+        text = yaml.safe_dump(obj)
+        for host, port in re.findall(r"(?:https?://|@)([a-z0-9][a-z0-9.-]*):(\d+)", text):
+            labels = host.split(".")
+            in_cluster = len(labels) == 1 or ".svc" in host or labels[1] == NAMESPACE
+            if host == "localhost" or not in_cluster:
+                continue
+            if len(labels) > 1:
+                assert labels[1] == NAMESPACE, f"{where(obj)}: {host} is outside namespace {NAMESPACE}"
+            svc = services.get(labels[0])
+            if svc is None:
+                problems.append(f"{where(obj)}: {host}:{port} names no Service")
+            elif int(port) not in {p["port"] for p in svc["spec"]["ports"]}:
+                problems.append(f"{where(obj)}: Service {labels[0]} has no port {port}")
+    assert not problems, "dangling references:\n" + "\n".join(problems)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_commands_name_real_entry_points_and_config_files(overlay):
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert re.search(r"^COPY\s+jobs\s+\S*jobs/?\s*$", dockerfile, re.M), "the image must carry jobs/ at /app/jobs"
+    assert re.search(r"^WORKDIR\s+/app\s*$", dockerfile, re.M)
+    seen_modules, seen_configs = set(), set()
+    for obj in deployment(overlay):
+        for command in command_strings(obj):
+            for module in re.findall(r"-m\s+unet_dist\.(\w+)", command):
+                assert module in ENTRY_POINTS, f"{where(obj)}: unet_dist.{module} is not an entry point"
+                seen_modules.add(module)
+            for config in re.findall(r"--config[= ](\S+)", command):
+                assert config.startswith("/app/jobs/configs/"), f"{where(obj)}: --config {config} is not in the image's jobs/configs"
+                assert (REPO / "jobs" / "configs" / Path(config).name).is_file(), f"{where(obj)}: {config} does not exist"
+                seen_configs.add(Path(config).name)
+    assert {"preprocess", "train"} <= seen_modules
+    assert seen_configs == ({"smoke.yaml"} if overlay == "cpu-smoke" else {"cityscapes.yaml"})
+
+
+@pytest.mark.parametrize("module", sorted(ENTRY_POINTS))
+def test_entry_point_modules_exist(module):
+    pkg = REPO / "unet_dist"
+    assert (pkg / f"{module}.py").is_file() or (pkg / module / "__main__.py").is_file(), \
+        f"python -m unet_dist.{module} has no unet_dist/{module}.py nor unet_dist/{module}/__main__.py"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_pod_runs_unprivileged_as_uid_1000_with_resources(overlay):
+    problems = []
+    for obj in deployment(overlay):
+        for path, spec in pod_specs(obj):
+            at = f"{where(obj)} {'.'.join(map(str, path))}"
+            sc = spec.get("securityContext", {})
+            if sc.get("runAsNonRoot") is not True or sc.get("runAsUser") != UID:
+                problems.append(f"{at}: pod securityContext needs runAsNonRoot: true, runAsUser: {UID}")
+            for c in containers(spec):
+                csc = c.get("securityContext", {})
+                if csc.get("allowPrivilegeEscalation") is not False or csc.get("capabilities", {}).get("drop") != ["ALL"]:
+                    problems.append(f"{at}: container {c['name']} needs allowPrivilegeEscalation: false, drop ALL")
+                if csc.get("privileged") or csc.get("runAsUser") == 0:
+                    problems.append(f"{at}: container {c['name']} is privileged or root")
+                res = c.get("resources", {})
+                for part in ("requests", "limits"):
+                    if not {"cpu", "memory"} <= set(res.get(part, {})):
+                        problems.append(f"{at}: container {c['name']} lacks {part} for cpu and memory")
+                    bad = {k: v for k, v in res.get(part, {}).items() if not QUANTITY.match(str(v))}
+                    if bad:
+                        problems.append(f"{at}: container {c['name']} has malformed {part} {bad}")
+                gpu = [res.get(part, {}).get("nvidia.com/gpu") for part in ("requests", "limits")]
+                if gpu[0] is not None and gpu[0] != gpu[1]:
+                    problems.append(f"{at}: container {c['name']}: GPU requests must equal limits")
+        if obj["kind"] == "TrainJob":
+            res = obj["spec"]["trainer"].get("resourcesPerNode", {})
+            if not all({"cpu", "memory"} <= set(res.get(p, {})) for p in ("requests", "limits")):
+                problems.append(f"{where(obj)}: trainer.resourcesPerNode needs cpu/memory requests and limits")
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_no_secret_value_is_written_in_the_manifests(overlay):
+    for obj in deployment(overlay):
+        assert obj["kind"] != "Secret", f"{where(obj)}: Secrets are created by hand (k8s/EXTERNAL_SECRETS)"
+        for path, v in walk(obj):
+            if isinstance(v, dict) and "name" in v and "value" in v and path and path[-2:-1] == ("env",):
+                assert not SECRET_NAME.search(v["name"]), f"{where(obj)}: env {v['name']} has a plaintext value"
+            if path and path[-1] == "runtimeEnvYAML":
+                names = (yaml.safe_load(v) or {}).get("env_vars", {})
+                assert not [n for n in names if SECRET_NAME.search(n)], f"{where(obj)}: secret in runtimeEnvYAML"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_jobs_log_to_the_mlflow_service_everywhere(overlay):
+    objects = deployment(overlay)
+    uris = []
+    for obj in objects:
+        for path, v in walk(obj):
+            if path and path[-1] == "MLFLOW_TRACKING_URI" and isinstance(v, str):
+                uris.append((where(obj), v))
+            if isinstance(v, dict) and v.get("name") == "MLFLOW_TRACKING_URI" and "value" in v:
+                uris.append((where(obj), v["value"]))
+            if path and path[-1] == "runtimeEnvYAML":
+                uris.append((where(obj), yaml.safe_load(v)["env_vars"].get("MLFLOW_TRACKING_URI")))
+    assert uris and all(u == MLFLOW_URI for _, u in uris), uris
+    # Each training/preprocess container gets it, from its env or the shared ConfigMap.
+    env_cm = next(o for o in objects if o["kind"] == "ConfigMap" and "MLFLOW_TRACKING_URI" in o.get("data", {}))
+    for obj in objects:
+        if obj["kind"] in ("RayJob", "PyTorchJob", "TrainingRuntime", "Job"):
+            for _, spec in pod_specs(obj):
+                for c in spec["containers"]:
+                    if c["name"] == "ray-job-submitter":
+                        continue
+                    refs = {e["configMapRef"]["name"] for e in c.get("envFrom", []) if "configMapRef" in e}
+                    assert env_cm["metadata"]["name"] in refs, f"{where(obj)}: {c['name']} misses the MLflow URI"
+    mlflow = next(o for o in objects if o["kind"] == "Service" and o["metadata"]["name"] == "mlflow")
+    assert [p["port"] for p in mlflow["spec"]["ports"]] == [5000]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_mlflow_server_uses_postgres_the_shared_volume_and_its_service_names(overlay):
+    objects = deployment(overlay)
+    server = next(o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == "mlflow")
+    script = " ".join(command_strings(server))
+    assert "mlflow server" in script and "--serve-artifacts" in script and "--workers" in script
+    assert re.search(r"--backend-store-uri \"?postgresql://\$\{POSTGRES_USER\}:\$\{POSTGRES_PASSWORD\}@mlflow-postgres:5432/", script)
+    assert "--artifacts-destination /mnt/shared/" in script
+    allowed = set(re.search(r'--allowed-hosts "([^"]+)"', script).group(1).split(","))
+    for host in ("mlflow", f"mlflow.{NAMESPACE}", f"mlflow.{NAMESPACE}.svc", f"mlflow.{NAMESPACE}.svc.cluster.local"):
+        assert {host, f"{host}:5000"} <= allowed, host
+    env = {e["name"]: e for e in server["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] in external_secrets()
+    db = next(o for o in objects if o["kind"] == "StatefulSet")
+    db_env = {e["name"]: e for e in db["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert "secretKeyRef" in db_env["POSTGRES_PASSWORD"]["valueFrom"] and db["spec"]["volumeClaimTemplates"]
+    headless = next(o for o in objects if o["kind"] == "Service" and o["metadata"]["name"] == db["spec"]["serviceName"])
+    assert headless["spec"]["clusterIP"] == "None"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_data_shards_and_checkpoints_live_on_the_shared_volume(overlay):
+    objects = deployment(overlay)
+    pvc = next(o for o in objects if o["kind"] == "PersistentVolumeClaim")
+    assert pvc["metadata"]["name"] == "unet-dist-shared"
+    assert pvc["spec"]["accessModes"] == (["ReadWriteOnce"] if overlay == "cpu-smoke" else ["ReadWriteMany"])
+    # Every container of the project's image (entry points, Ray nodes, MLflow) mounts the claim
+    # at /mnt/shared; only KubeRay's job submitter, which just talks HTTP, does without.
+    checked = 0
+    for obj in objects:
+        for _, spec in pod_specs(obj):
+            claims = {v["name"] for v in spec.get("volumes", [])
+                      if v.get("persistentVolumeClaim", {}).get("claimName") == pvc["metadata"]["name"]}
+            for c in containers(spec):
+                if "unet-dist" not in c["image"] or c["name"] == "ray-job-submitter":
+                    continue
+                mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts", [])}
+                assert mounts.get("/mnt/shared") in claims, f"{where(obj)}: {c['name']} does not mount the PVC at /mnt/shared"
+                checked += 1
+    assert checked >= 6
+    # The configs those pods run keep every path there.
+    from unet_dist.config import load_config
+
+    for name in ("cityscapes.yaml", "pairs.yaml", "smoke.yaml"):
+        cfg = load_config(REPO / "jobs" / "configs" / name)
+        for path in (cfg.data.root, cfg.shards.dir, cfg.train.checkpoint_dir):
+            assert path.startswith("/mnt/shared/"), f"jobs/configs/{name}: {path} is not on the shared volume"
+
+
+def test_gpu_overlay_requests_gpus_and_cpu_smoke_requests_none():
+    def gpus(overlay):
+        total = {}
+        for obj in deployment(overlay):
+            for _, v in walk(obj):
+                if isinstance(v, dict) and "limits" in v and isinstance(v["limits"], dict) and "nvidia.com/gpu" in v["limits"]:
+                    total[obj["kind"]] = total.get(obj["kind"], 0) + int(v["limits"]["nvidia.com/gpu"])
+        return total
+
+    assert gpus("cpu-smoke") == {}
+    gpu = gpus("gpu")
+    assert set(gpu) == {"RayJob", "TrainJob", "TrainingRuntime", "PyTorchJob"}, gpu
+    by_kind = {o["kind"]: o for o in deployment("gpu")}
+    ray = by_kind["RayJob"]["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    ray_gpus = ray["replicas"] * int(ray["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+    trainer = by_kind["TrainJob"]["spec"]["trainer"]
+    trainjob_gpus = trainer["numNodes"] * int(trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"])
+    assert trainer["numProcPerNode"] == int(trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"])
+    pt = by_kind["PyTorchJob"]["spec"]
+    pt_gpus = sum(rs["replicas"] * int(rs["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+                  for rs in pt["pytorchReplicaSpecs"].values())
+    from unet_dist.config import load_config
+
+    workers = load_config(REPO / "jobs" / "configs" / "cityscapes.yaml").train.workers
+    assert ray_gpus == trainjob_gpus == pt_gpus == workers, (ray_gpus, trainjob_gpus, pt_gpus, workers)
+
+
+def test_dockerfile_builds_a_non_root_image_with_pinned_dependencies():
+    text = (REPO / "Dockerfile").read_text()
+    base = re.search(r"^FROM\s+(\S+)", text, re.M).group(1)
+    assert ":" in base and not base.endswith(":latest"), f"pin the base image: {base}"
+    users = re.findall(r"^USER\s+(\S+)", text, re.M)
+    assert users and users[-1].split(":")[0] not in ("root", "0"), "the image must end as a non-root USER"
+    assert users[-1].split(":")[0] in (str(UID), "app")
+    assert re.search(rf"useradd[^\n]*--uid {UID}", text)
+    assert re.search(r"pip install[^\n]*-c constraints\.txt", text)
+    ignored = {line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()}
+    assert {".venv", ".git", "data", "shards", "runs", "mlruns"} <= ignored
+    assert "jobs" not in ignored and "unet_dist" not in ignored
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_preprocess_job_waits_for_real_data_but_not_for_synthetic(overlay):
+    job = next(o for o in deployment(overlay) if o["kind"] == "Job" and o["metadata"]["name"] == "unet-preprocess")
+    assert job["spec"]["suspend"] is (overlay != "cpu-smoke")
+    init = job["spec"]["template"]["spec"].get("initContainers", [])
+    if overlay == "cpu-smoke":  # the synthetic data is written first, to the config's data.root
+        assert [c["command"][-1] for c in init] == ["unet_dist.synth"]
+        assert "/mnt/shared/data/synth" in init[0]["args"]
+    else:
+        assert not init

@@ -1,0 +1,1 @@
+"""Raw dataset readers, KMeans colour quantisation, WebDataset shards and their streaming."""

@@ -1,0 +1,235 @@
+"""The U-Net of Ronneberger et al. (2015), as small blocks that map one-to-one onto the paper's figure.
+
+Two padding modes:
+
+- ``valid`` (the paper): unpadded 3x3 convs, every conv loses one pixel per side, skips are centre-cropped
+  before the concat. 572x572 -> 388x388 at depth 5; each side loses ``margin(depth)`` pixels (92). Only
+  some input sizes keep every pooled map integral (``16k + 12`` at depth 5): other sizes are refused,
+  since floor-pooling would shift the crop by half a pixel. ``unet_dist.inference`` mirror-pads and tiles
+  so any image gets a full-size prediction.
+- ``same``: padding=1 convs, output size == input size for ANY input size. Sizes that do not divide by
+  ``2 ** (depth - 1)`` are mirror-padded (reflect) up to the next multiple inside ``forward`` and the
+  logits are cropped back. We pad the input rather than the skips because a mirrored border looks like
+  image content (as in the paper's overlap-tile), whereas zero-padding decoder maps would put a seam of
+  fake features along one edge; it also keeps tiny inputs (smaller than the pool stack) working.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from unet_dist.config import ModelConfig
+
+PADDINGS = ("valid", "same")
+
+
+def _reflect_index(length: int, before: int, after: int, device: torch.device) -> torch.Tensor:
+    """Indices that mirror (reflect, edge not repeated) an axis of ``length``, for any pad size."""
+    idx = torch.arange(-before, length + after, device=device)
+    if length == 1:
+        return torch.zeros_like(idx)
+    period = 2 * (length - 1)
+    idx = idx.remainder(period)
+    return torch.where(idx >= length, period - idx, idx)
+
+
+def mirror_pad(x: torch.Tensor, top: int, bottom: int, left: int, right: int) -> torch.Tensor:
+    """Reflect-pad the last two dims of ``x`` by any amount.
+
+    ``F.pad(mode="reflect")`` refuses pads as large as the image (a 64-pixel crop needs 92 pixels of
+    mirror in valid mode); this repeats the reflection, like ``numpy.pad(mode="reflect")``.
+    """
+    if top == bottom == left == right == 0:
+        return x
+    h, w = x.shape[-2:]
+    if max(top, bottom) < h and max(left, right) < w:  # within F.pad's reach: its native kernel
+        return F.pad(x, (left, right, top, bottom), mode="reflect")
+    rows = _reflect_index(h, top, bottom, x.device)
+    cols = _reflect_index(w, left, right, x.device)
+    return x.index_select(-2, rows).index_select(-1, cols)
+
+
+def margin(depth: int) -> int:
+    """Pixels lost per side in valid mode: 92 at depth 5, 2 at depth 1.
+
+    Each level loses 4 pixels (two 3x3 convs) at its own scale on the way down (levels 0..depth-1) and
+    on the way up (levels 0..depth-2): 4(2^d - 1) + 4(2^(d-1) - 1) in total, half of it per side.
+    """
+    _check_depth(depth)
+    return (12 * 2 ** (depth - 1) - 8) // 2
+
+
+def output_size(in_size: int, depth: int, padding: str = "valid") -> int:
+    """Output side for an input side; ``ValueError`` if valid mode cannot take this size exactly."""
+    _check_depth(depth)
+    if padding == "same":
+        return in_size
+    if padding != "valid":
+        raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
+    s = in_size
+    for _ in range(depth - 1):  # contracting path: DoubleConv, then pool
+        s -= 4
+        if s <= 0 or s % 2:
+            raise ValueError(f"valid U-Net of depth {depth} cannot take size {in_size} (odd map {s} before a pool)")
+        s //= 2
+    s -= 4  # bottleneck
+    for _ in range(depth - 1):  # expanding path: up-conv doubles, DoubleConv
+        s = 2 * s - 4
+    if s <= 0:
+        raise ValueError(f"valid U-Net of depth {depth} cannot take size {in_size} (output would be {s})")
+    return s
+
+
+def valid_input_size(out_size: int, depth: int) -> int:
+    """Smallest valid-mode input side whose output side is >= ``out_size`` (572 for 388 at depth 5)."""
+    size = max(int(out_size), 1) + 2 * margin(depth)
+    while not _is_valid(size, depth):  # valid sizes repeat every 2^(depth-1) pixels: a short loop
+        size += 1
+    return size
+
+
+def _is_valid(size: int, depth: int) -> bool:
+    try:
+        output_size(size, depth, "valid")
+        return True
+    except ValueError:
+        return False
+
+
+def _check_depth(depth: int) -> None:
+    if not isinstance(depth, int) or depth < 1:
+        raise ValueError(f"depth must be an int >= 1, got {depth!r}")
+
+
+def _center_crop(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    top = (x.shape[-2] - h) // 2
+    left = (x.shape[-1] - w) // 2
+    return x[..., top : top + h, left : left + w]
+
+
+class DoubleConv(nn.Sequential):
+    """Two 3x3 convs, each followed by (optional BatchNorm and) ReLU: one blue-arrow pair of the figure."""
+
+    def __init__(self, in_channels: int, out_channels: int, pad: int, batch_norm: bool):
+        layers: list[nn.Module] = []
+        for c_in in (in_channels, out_channels):
+            layers.append(nn.Conv2d(c_in, out_channels, 3, padding=pad, bias=not batch_norm))
+            if batch_norm:
+                layers.append(nn.BatchNorm2d(out_channels))
+            layers.append(nn.ReLU(inplace=True))
+        super().__init__(*layers)
+
+
+class Down(nn.Sequential):
+    """2x2 max-pool with stride 2 (red arrow), then a DoubleConv that doubles the channels."""
+
+    def __init__(self, in_channels: int, out_channels: int, pad: int, batch_norm: bool):
+        super().__init__(nn.MaxPool2d(2, 2), DoubleConv(in_channels, out_channels, pad, batch_norm))
+
+
+class Up(nn.Module):
+    """2x2 up-conv halving the channels (green arrow), crop-and-concat of the skip (grey), DoubleConv."""
+
+    def __init__(self, in_channels: int, out_channels: int, pad: int, batch_norm: bool):
+        super().__init__()
+        self.up = nn.ConvTranspose2d(in_channels, in_channels // 2, 2, stride=2)
+        self.conv = DoubleConv(in_channels // 2 + out_channels, out_channels, pad, batch_norm)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        x = self.up(x)
+        skip = _center_crop(skip, x.shape[-2], x.shape[-1])  # a no-op in same mode
+        return self.conv(torch.cat([skip, x], dim=1))
+
+
+class OutConv(nn.Conv2d):
+    """1x1 conv mapping the last feature map to one logit per class."""
+
+    def __init__(self, in_channels: int, num_classes: int):
+        super().__init__(in_channels, num_classes, 1)
+
+
+class UNet(nn.Module):
+    """U-Net with ``depth`` levels (incl. the bottleneck; the paper's 5 = 4 pools).
+
+    Level ``i`` has ``width * 2**i`` channels. ``padding`` is "valid" (paper) or "same".
+    Returns logits ``[N, num_classes, H_out, W_out]``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        num_classes: int = 19,
+        width: int = 64,
+        depth: int = 5,
+        padding: str = "valid",
+        batch_norm: bool = False,
+    ):
+        super().__init__()
+        _check_depth(depth)
+        if padding not in PADDINGS:
+            raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
+        self.in_channels, self.num_classes, self.width = in_channels, num_classes, width
+        self.depth, self.padding, self.batch_norm = depth, padding, batch_norm
+        pad = 1 if padding == "same" else 0
+        ch = [width * 2**i for i in range(depth)]
+        self.inc = DoubleConv(in_channels, ch[0], pad, batch_norm)
+        self.downs = nn.ModuleList(Down(ch[i], ch[i + 1], pad, batch_norm) for i in range(depth - 1))
+        self.ups = nn.ModuleList(Up(ch[i + 1], ch[i], pad, batch_norm) for i in reversed(range(depth - 1)))
+        self.outc = OutConv(ch[0], num_classes)
+        self._init_weights()
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> "UNet":
+        return cls(cfg.in_channels, cfg.num_classes, cfg.width, cfg.depth, cfg.padding, cfg.batch_norm)
+
+    @property
+    def margin(self) -> int:
+        """Pixels lost per side: 0 in same mode, ``margin(depth)`` in valid mode."""
+        return margin(self.depth) if self.padding == "valid" else 0
+
+    def _init_weights(self) -> None:
+        """The paper's init: Gaussian with std sqrt(2 / N), N = inputs feeding one unit."""
+        for m in self.modules():
+            if isinstance(m, nn.ConvTranspose2d):  # stride == kernel: each output sees one tap per input channel
+                nn.init.normal_(m.weight, std=math.sqrt(2.0 / m.in_channels))
+            elif isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+            else:
+                continue
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        top = left = 0
+        if self.padding == "valid":
+            for side in (h, w):
+                try:
+                    output_size(side, self.depth, "valid")
+                except ValueError:
+                    below = next((s for s in range(side, 0, -1) if _is_valid(s, self.depth)), None)
+                    above = next(s for s in itertools.count(side) if _is_valid(s, self.depth))
+                    near = ", ".join(str(s) for s in (below, above) if s is not None)
+                    raise ValueError(
+                        f"valid U-Net (depth {self.depth}) got input {h}x{w}: each side must be a valid size, "
+                        f"near {side}: {near}; unet_dist.inference pads any image"
+                    ) from None
+        else:
+            mult = 2 ** (self.depth - 1)
+            ph, pw = -h % mult, -w % mult
+            top, left = ph // 2, pw // 2
+            x = mirror_pad(x, top, ph - top, left, pw - left)
+        skips = [self.inc(x)]
+        for down in self.downs:
+            skips.append(down(skips[-1]))
+        y = skips.pop()
+        for up in self.ups:
+            y = up(y, skips.pop())
+        y = self.outc(y)
+        if self.padding == "same" and y.shape[-2:] != (h, w):
+            y = y[..., top : top + h, left : left + w]
+        return y

@@ -1,0 +1,159 @@
+"""MLflow: one run per training job, created once, logged to by rank 0 only.
+
+The run id is created by whoever starts the job (the Ray driver, or torchrun's rank 0), written into
+every checkpoint, and read back on resume, so a restarted or relaunched job continues the same run.
+Steps already in the run's history are not logged again after a resume.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from unet_dist.config import Config, flatten, to_dict
+
+log = logging.getLogger("unet_dist.tracking")
+LOCAL_STORE = Path("runs") / "mlflow"
+
+
+def resolve_tracking_uri(cfg: Config) -> str:
+    """Config, then ``$MLFLOW_TRACKING_URI``, then a sqlite store in ./runs/mlflow (absolute path,
+    so Ray workers in other directories write to the same store)."""
+    uri = cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    if uri:
+        return uri
+    store = LOCAL_STORE.resolve()
+    store.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{store / 'mlflow.db'}"
+
+
+def _artifact_location(uri: str) -> str | None:
+    # A sqlite store would otherwise put artifacts in ./mlruns of whichever process logs first.
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).parent / "artifacts").as_uri()
+    return None
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def start_run(cfg: Config, *, resume_run_id: str | None, tags: dict[str, str]) -> str:
+    """Return the run id to log to: ``resume_run_id`` when it still exists, else a new run."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    uri = resolve_tracking_uri(cfg)
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    if resume_run_id:
+        try:
+            client.get_run(resume_run_id)
+            client.set_terminated(resume_run_id, "RUNNING")
+            log.info("continuing MLflow run %s", resume_run_id)
+            return resume_run_id
+        except Exception:  # the store was reset: start a fresh run rather than fail the job
+            log.warning("MLflow run %s not found in %s; starting a new run", resume_run_id, uri)
+    exp = client.get_experiment_by_name(cfg.mlflow.experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(
+        cfg.mlflow.experiment, artifact_location=_artifact_location(uri))
+    run = client.create_run(exp_id, run_name=cfg.mlflow.run_name or cfg.train.run_name, tags=tags)
+    params = [(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in flatten(cfg).items()]
+    from mlflow.entities import Param
+    client.log_batch(run.info.run_id, params=[Param(k, v[:6000]) for k, v in params])
+    log.info("MLflow run %s in experiment %s (%s)", run.info.run_id, cfg.mlflow.experiment, uri)
+    return run.info.run_id
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+class RunLogger:
+    """Rank 0's handle on the job's MLflow run. Other ranks get :class:`NullLogger`."""
+
+    def __init__(self, cfg: Config, run_id: str, resumed: bool):
+        import mlflow
+
+        self.mlflow = mlflow
+        mlflow.set_tracking_uri(resolve_tracking_uri(cfg))
+        if cfg.mlflow.system_metrics:
+            os.environ.setdefault("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "5")
+        self.run = mlflow.start_run(run_id=run_id, log_system_metrics=cfg.mlflow.system_metrics)
+        self.run_id = run_id
+        self._resumed = resumed
+        self._last_step: dict[str, int] = {}
+
+    def _already_logged(self, key: str) -> int:
+        if key not in self._last_step:
+            history = self.mlflow.tracking.MlflowClient().get_metric_history(self.run_id, key) if self._resumed else []
+            self._last_step[key] = max((m.step for m in history), default=-1)
+        return self._last_step[key]
+
+    def metrics(self, values: dict[str, float], step: int) -> None:
+        fresh = {k: float(v) for k, v in values.items()
+                 if np.isfinite(v) and step > self._already_logged(k)}
+        if fresh:
+            self.mlflow.log_metrics(fresh, step=step)
+            for k in fresh:
+                self._last_step[k] = step
+
+    def tags(self, tags: dict[str, Any]) -> None:
+        self.mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+    def image(self, image, artifact_file: str) -> None:
+        self.mlflow.log_image(image, artifact_file=artifact_file)
+
+    def artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+    def text(self, text: str, artifact_file: str) -> None:
+        self.mlflow.log_text(text, artifact_file)
+
+    def model(self, model, cfg: Config, example_hw: tuple[int, int], checkpoint_dir: Path | None) -> str | None:
+        """Log the model (pt2 program for serving, plus our weights + config for any-size inference)."""
+        import torch
+        from mlflow.models import infer_signature
+
+        model = model.eval().cpu()
+        example = torch.zeros(2, cfg.model.in_channels, *example_hw)
+        with torch.no_grad():
+            out = model(example)
+        signature = infer_signature(example.numpy(), out.numpy())
+        # Any height/width: the exporter keeps dims marked -1 dynamic where it can.
+        signature.inputs.inputs[0]._shape = (-1, cfg.model.in_channels, -1, -1)
+        signature.outputs.inputs[0]._shape = (-1, cfg.model.num_classes, -1, -1)
+        extra = []
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "unet_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+            extra.append(str(Path(tmp) / "unet_config.json"))
+            weights = Path(tmp) / "weights.pt"
+            torch.save(model.state_dict(), weights)
+            extra.append(str(weights))
+            info = self.mlflow.pytorch.log_model(
+                model, name="model", input_example=example.numpy(), signature=signature,
+                registered_model_name=cfg.mlflow.registered_model or None, extra_files=extra,
+                pip_requirements=["torch", "numpy"],
+            )
+        return info.model_uri
+
+    def close(self, status: str = "FINISHED") -> None:
+        self.mlflow.end_run(status=status)
+
+
+class NullLogger:
+    """What ranks other than 0 hold: every call does nothing."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None

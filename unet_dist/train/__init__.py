@@ -1,0 +1,1 @@
+"""Training: one loop (loop.py), two launchers (launch.py), checkpoints (checkpoint.py)."""
