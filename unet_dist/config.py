@@ -95,7 +95,8 @@ class MlflowConfig:
     run_name: str = ""  # empty: train.run_name
     registered_model: str = "unet-cityscapes"  # empty: do not register
     log_model: bool = True
-    system_metrics: bool = True
+    system_metrics: bool = True  # CPU/memory (and GPU when present) sampled by rank 0
+    system_metrics_interval: float = 10.0  # seconds between system metric samples
 
 
 @dataclass

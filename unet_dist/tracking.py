@@ -89,7 +89,8 @@ class RunLogger:
         self.mlflow = mlflow
         mlflow.set_tracking_uri(resolve_tracking_uri(cfg))
         if cfg.mlflow.system_metrics:
-            os.environ.setdefault("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "5")
+            mlflow.set_system_metrics_sampling_interval(cfg.mlflow.system_metrics_interval)
+            mlflow.set_system_metrics_samples_before_logging(1)
         self.run = mlflow.start_run(run_id=run_id, log_system_metrics=cfg.mlflow.system_metrics)
         self.run_id = run_id
         self._resumed = resumed

@@ -37,7 +37,7 @@ CITIES = {"train": ("synthcity", "testville"), "val": ("valburg",)}
 MARKER = "synth.json"
 _VERSION = 1  # bump when scenes change: a marker with another version refuses to resume
 
-_ID = {lab.name: lab.id for lab in LABELS}
+_ID = {name: lab.id for name, lab in BY_NAME.items()}  # label name -> Cityscapes labelId
 
 
 def _id_colors() -> np.ndarray:
@@ -288,10 +288,11 @@ class _Scene:
         k = np.float32(_u(rng, 0.85, 1.0))
         if r < 0.5:
             base = self._building_rgb(rng)
-            mask = (Z >= 0) & (Z <= top) & (X > -1e9)
+            mask = (Z >= 0) & (Z <= top)
             rgb = self.tex(win, base * k, 0.04, 0.04)
             p, fh = cam * _u(rng, 1.2, 2.2), cam * _u(rng, 1.7, 2.3)
-            wins = (_frac(X / p) < 0.45) & (_frac(Z / fh) > 0.35) & (_frac(Z / fh) < 0.8) & (Z > cam) & (Z < top - 0.5 * cam)
+            fz = _frac(Z / fh)
+            wins = (_frac(X / p) < 0.45) & (fz > 0.35) & (fz < 0.8) & (Z > cam) & (Z < top - 0.5 * cam)
             if p * 0.45 / D >= 2:
                 rgb = np.where(wins[..., None], np.asarray(GLASS, np.float32) * k, rgb)
             self.put(win, mask, "building", rgb)
@@ -687,7 +688,7 @@ class _Scene:
         self.put(win, body, "rider", rgb)
 
     def _pole(self, Xc, D, side: int) -> None:
-        rng, cam, h = self.rng, self.cam, self.h
+        rng, cam = self.rng, self.cam
         wp = max(0.14 * cam, self.minw * D * 1.25)
         Zp = cam * _u(rng, 1.9, 2.7)
         got = self.facing(D, Xc - wp / 2, Xc + wp / 2, 0, Zp)
