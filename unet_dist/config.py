@@ -57,7 +57,7 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     steps: int = 600  # total optimiser steps
-    batch_size: int = 8  # per worker, per micro-step
+    batch_size: int = 4  # per worker, per micro-step
     accumulation: int = 1  # micro-steps per optimiser step
     optimizer: str = "adamw"  # adamw | sgd
     lr: float = 3e-3

@@ -407,13 +407,13 @@ class _Scene:
         """Low walls or fences between a sidewalk and what lies behind it, over a stretch of street."""
         rng, cam, f = self.rng, self.cam, self.f
         for side in (-1, 1):
-            if rng.random() >= 0.6:
+            if rng.random() >= 0.75:
                 continue
             kind = _pick(rng, ("wall", "fence"))
             Xp = self.outL if side < 0 else self.outR
             D0 = _u(rng, 0.5, 3.0)
             D1 = D0 + cam * _u(rng, 6, 30) / f
-            ztop = cam * _u(rng, 0.5, 1.1)
+            ztop = cam * _u(rng, 0.6, 1.3)
             got = self.along(Xp, D0, min(D1, self.Dend), 0, ztop)
             if got is None:
                 continue
@@ -468,7 +468,7 @@ class _Scene:
                 d = vehicle(kind, centre - w / 2 + _u(rng, -0.2, 0.2) * cam, d, front=centre < 0)
                 d += cam * _u(rng, 1, 12) / self.f
         # people on the sidewalks
-        for _ in range(int(rng.integers(1, 8))):
+        for _ in range(int(rng.integers(2, 9))):
             side = _pick(rng, (-1, 1))
             lo, hi = (self.outL, self.inL) if side < 0 else (self.inR, self.outR)
             X = _u(rng, lo + 0.3 * cam, hi - 0.3 * cam)
