@@ -25,7 +25,7 @@ class DataConfig:
     layout: str = "pairs"  # pairs | cityscapes
     label_source: str = "color"  # color (KMeans on colour masks) | labelIds (cityscapes only)
     on_bad_input: str = "fail"  # fail: stop with an error | skip: record in the manifest and go on
-    resize: Optional[list[int]] = None  # [height, width] of stored samples; None keeps the source size
+    resize: Optional[list[int]] = field(default_factory=lambda: [128, 128])  # [height, width] stored; null keeps the source size
     max_samples: int = 0  # per split, 0 = all (handy for smoke runs on real data)
 
 
@@ -56,7 +56,7 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 600  # total optimiser steps
+    steps: int = 1000  # total optimiser steps
     batch_size: int = 4  # per worker, per micro-step
     accumulation: int = 1  # micro-steps per optimiser step
     optimizer: str = "adamw"  # adamw | sgd
@@ -75,9 +75,9 @@ class TrainConfig:
     compile: bool = False
     loader_workers: int = 1
     shuffle_buffer: int = 64
-    eval_every: int = 200  # steps; 0 = only at the end
+    eval_every: int = 250  # steps; 0 = only at the end
     eval_batches: int = 0  # 0 = the whole val split
-    checkpoint_every: int = 100  # steps
+    checkpoint_every: int = 250  # steps
     checkpoint_dir: str = "runs/checkpoints"
     run_name: str = "unet-demo"  # names the checkpoint folder and the Ray run; reuse it to resume
     workers: int = 2  # Ray Train workers (torchrun: --nproc_per_node decides)

@@ -146,6 +146,7 @@ class RunLogger:
                 model, name="model", input_example=example.numpy(), signature=signature,
                 registered_model_name=cfg.mlflow.registered_model or None, extra_files=extra,
                 pip_requirements=["torch", "numpy"],
+                serialization_format="pt2",  # never a pickled module (mlflow picks pickle on Databricks)
             )
         return info.model_uri
 

@@ -45,6 +45,8 @@ def write(directory: Path, state: dict, meta: dict) -> Path:
     """Write a checkpoint into ``directory`` (created). ``state`` holds tensors and plain values."""
     directory.mkdir(parents=True, exist_ok=True)
     torch.save(state, directory / STATE_FILE)
+    # The size lets find_latest tell a complete copy from one cut short (Ray copies file by file).
+    meta = {**meta, "state_bytes": (directory / STATE_FILE).stat().st_size}
     (directory / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
     return directory
 
@@ -80,12 +82,24 @@ def find_latest(run_dir: Path) -> Path | None:
         if child.name.startswith(".") or not (child / STATE_FILE).is_file() or not (child / META_FILE).is_file():
             continue
         try:
-            step = int(json.loads((child / META_FILE).read_text())["step"])
-        except (OSError, ValueError, KeyError):
+            meta = json.loads((child / META_FILE).read_text())
+            step = int(meta["step"])
+            if meta.get("state_bytes", -1) not in (-1, (child / STATE_FILE).stat().st_size):
+                continue  # a copy cut short by a crash
+        except (OSError, ValueError, KeyError, TypeError):
             continue
         if best is None or (step, child.name) > best:
             best = (step, child.name)
     return run_dir / best[1] if best else None
+
+
+def check_model(directory: Path, model: dict) -> None:
+    """Refuse to resume a checkpoint made for another network (reads meta.json only, so it is cheap)."""
+    saved = (read_meta(directory).get("config") or {}).get("model") or {}
+    diff = [f"model.{k}={saved[k]!r} there, {model.get(k)!r} here" for k in sorted(saved) if saved[k] != model.get(k)]
+    if diff:
+        raise UnetDistError(f"{directory}: checkpoint was made for another model ({'; '.join(diff)}); "
+                            f"resume with the same model.* keys or start a new train.run_name")
 
 
 def resolve(path: str | Path) -> Path:
@@ -107,8 +121,13 @@ def load_state(directory: Path, map_location: str | torch.device = "cpu") -> dic
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises UnpicklingError or RuntimeError for unsafe or broken files
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UnetDistError(f"{path}: refused to load checkpoint ({first})") from None
+        text = str(e).strip()
+        if "Weights only load failed" in text:  # torch's first line suggests weights_only=False: not us
+            what = next((line.strip() for line in text.splitlines() if "GLOBAL" in line), "unsupported content")
+            raise UnetDistError(f"{path}: refused to load checkpoint: it holds more than tensors and plain "
+                                f"values ({what.rstrip('.')})") from None
+        first = text.splitlines()[0] if text else type(e).__name__
+        raise UnetDistError(f"{path}: cannot load checkpoint, corrupt or not a checkpoint ({first})") from None
 
 
 def load_weights(model: torch.nn.Module, state_dict: dict, source: str) -> None:

@@ -14,9 +14,10 @@ from datetime import timedelta
 from pathlib import Path
 
 from unet_dist.config import Config, from_dict, to_dict
+from unet_dist.data import shards
 from unet_dist.errors import UnetDistError
 from unet_dist.train import checkpoint
-from unet_dist.train.loop import Context, train
+from unet_dist.train.loop import AllRanksError, Context, train
 
 log = logging.getLogger("unet_dist.launch")
 TORCHRUN_VARS = ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "RANK", "WORLD_SIZE")
@@ -39,6 +40,15 @@ def absolute_paths(cfg: Config) -> Config:
     cfg.train = dataclasses.replace(cfg.train, checkpoint_dir=str(Path(cfg.train.checkpoint_dir).resolve()))
     cfg.mlflow = dataclasses.replace(cfg.mlflow, tracking_uri=resolve_tracking_uri(cfg))
     return cfg
+
+
+def preflight(cfg: Config) -> None:
+    """Cheap checks before anything starts (a Ray cluster, process groups, an MLflow run): the shards
+    manifest exists and the checkpoint this job would resume was made for this model."""
+    shards.load_manifest(cfg.shards.dir)
+    latest = checkpoint.find_latest(run_dir(cfg))
+    if latest is not None:
+        checkpoint.check_model(latest, to_dict(cfg)["model"])
 
 
 def open_run(cfg: Config, launcher: str, world: int) -> tuple[str, str | None]:
@@ -65,6 +75,7 @@ def run_torchrun(cfg: Config) -> dict | None:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ["LOCAL_RANK"])
     cfg = absolute_paths(cfg)
+    preflight(cfg)  # every rank: the same answer, before any collective
     dist.init_process_group("nccl" if cfg.train.use_gpu else "gloo", timeout=timedelta(minutes=30))
     directory = run_dir(cfg)
     try:
@@ -87,8 +98,8 @@ def run_torchrun(cfg: Config) -> dict | None:
 
 
 # ----------------------------------------------------------------------------------------- Ray Train
-def _ray_worker(loop_config: dict) -> None:
-    """The function Ray Train runs in each worker."""
+def _ray_worker(loop_config: dict) -> dict:
+    """The function Ray Train runs in each worker; rank 0's summary becomes ``Result.return_value``."""
     import ray.train
 
     cfg = from_dict(loop_config["config"], "loop config")
@@ -102,18 +113,23 @@ def _ray_worker(loop_config: dict) -> None:
 
     @contextlib.contextmanager
     def latest():
+        # Ray's controller registers reports lazily: after a crash the shared storage can hold
+        # newer complete checkpoints than the one it hands back, so take the newer of the two.
+        on_disk = checkpoint.find_latest(directory)
         ckpt = ray.train.get_checkpoint()
-        if ckpt is None:  # a relaunched job: fall back to what is on the shared storage
-            yield checkpoint.find_latest(directory)
+        if ckpt is None:
+            yield on_disk
             return
         with ckpt.as_directory() as d:
-            yield Path(d)
+            newer = on_disk is not None and checkpoint.read_meta(on_disk)["step"] > checkpoint.read_meta(Path(d))["step"]
+            yield on_disk if newer else Path(d)
 
     ctx = Context(rank=rc.get_world_rank(), world_size=rc.get_world_size(), local_rank=rc.get_local_rank(),
                   launcher="ray", run_id=loop_config["run_id"], report=report, latest_checkpoint=latest)
-    summary = train(cfg, ctx)
-    if summary["status"] != "finished":
-        raise UnetDistError(f"training stopped at step {summary['steps']}: {summary['status']}")
+    try:
+        return train(cfg, ctx)  # a non-finite loss returns too: retrying from the same checkpoint repeats it
+    except AllRanksError as e:  # bad input every rank agreed on: end the run instead of retrying it
+        return {"status": "error", "error": str(e)}
 
 
 def run_ray(cfg: Config) -> dict:
@@ -124,6 +140,7 @@ def run_ray(cfg: Config) -> dict:
 
     cfg = absolute_paths(cfg)
     t = cfg.train
+    preflight(cfg)
     run_id, resumed = open_run(cfg, "ray", t.workers)
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
@@ -155,6 +172,11 @@ def run_ray(cfg: Config) -> dict:
             raise cause from None
         raise UnetDistError(f"Ray Train run '{t.run_name}' failed: {str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__}") from None
     metrics = result.metrics or {}
+    returned = getattr(result, "return_value", None) or {}
+    if returned.get("status") == "error":
+        raise UnetDistError(returned["error"])
+    if returned.get("status"):
+        metrics = {**metrics, "status": returned["status"], "step": returned.get("steps")}
     latest = checkpoint.find_latest(run_dir(cfg))
     return {"status": metrics.get("status", "finished"), "steps": metrics.get("step"),
             "best_miou": metrics.get("best_miou"), "val_miou": metrics.get("val_miou"),

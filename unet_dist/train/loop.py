@@ -112,6 +112,10 @@ def label_crop(cfg: Config) -> tuple[int, int]:
     return fit(h), fit(w)
 
 
+class AllRanksError(UnetDistError):
+    """Raised by every rank together after a check they agreed on: a retry would end the same way."""
+
+
 def _all_ranks_ok(ok: bool, message: str, ctx: Context, device: torch.device) -> None:
     """Raise the same error on every rank when any rank failed a check (no rank left waiting)."""
     if ctx.world_size > 1:
@@ -120,7 +124,7 @@ def _all_ranks_ok(ok: bool, message: str, ctx: Context, device: torch.device) ->
         message = next((m for m in messages if m), "")
         ok = not message
     if not ok:
-        raise UnetDistError(message)
+        raise AllRanksError(message)
 
 
 def _verify(cfg: Config, ctx: Context, device: torch.device) -> dict:
@@ -146,6 +150,11 @@ def average_buffers(model: torch.nn.Module, world_size: int) -> None:
         if buf.is_floating_point():
             dist.all_reduce(buf, op=dist.ReduceOp.SUM)
             buf.div_(world_size)
+
+
+def _finite_state(model: torch.nn.Module) -> bool:
+    """Weights and buffers all finite; the same answer on every rank (replicas and buffers agree)."""
+    return all(bool(torch.isfinite(t).all()) for t in model.state_dict().values() if t.is_floating_point())
 
 
 def _save(step: int, cfg: Config, ctx: Context, model, optimizer, scheduler, metrics: dict, best: float):
@@ -191,16 +200,21 @@ def train(cfg: Config, ctx: Context) -> dict:
     model = UNet.from_config(cfg.model).to(device)
     optimizer = make_optimizer(cfg, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    start_step, best = 0, float("nan")
+    start_step, best, error = 0, float("nan"), ""
     with ctx.latest_checkpoint() as ckpt_dir:
         if ckpt_dir is not None:
-            state = checkpoint.load_state(ckpt_dir, map_location=device)
-            checkpoint.load_weights(model, state["model"], str(ckpt_dir))
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            checkpoint.set_rng_state(state["rng"])
-            start_step, best = int(state["step"]), float(state["best_miou"])
-            ctx.resumed_from = str(ckpt_dir)
+            try:
+                state = checkpoint.load_state(ckpt_dir, map_location=device)
+                checkpoint.load_weights(model, state["model"], str(ckpt_dir))
+            except UnetDistError as e:  # a refused checkpoint: every rank stops together
+                error = str(e)
+            else:
+                optimizer.load_state_dict(state["optimizer"])
+                scheduler.load_state_dict(state["scheduler"])
+                checkpoint.set_rng_state(state["rng"])
+                start_step, best = int(state["step"]), float(state["best_miou"])
+                ctx.resumed_from = str(ckpt_dir)
+    _all_ranks_ok(not error, error, ctx, device)
     if ctx.rank == 0 and ctx.resumed_from:
         log.info("resumed from %s at step %d", ctx.resumed_from, start_step)
     if t.channels_last:
@@ -314,6 +328,11 @@ def train(cfg: Config, ctx: Context) -> dict:
             last_scores = run_eval(step)
             best = last_scores["miou"] if math.isnan(best) else max(best, last_scores["miou"])
         if step % t.checkpoint_every == 0 or last:
+            if not _finite_state(model):  # a finite loss can sit on overflowed BatchNorm statistics
+                status = "non_finite_weights"
+                if ctx.rank == 0:
+                    log.error("non-finite weights at step %d: stopping; the last good checkpoint is kept", step)
+                break
             metrics = {"step": step, "best_miou": best, "status": "running" if not last else status}
             if last_scores:
                 metrics["val_miou"] = last_scores["miou"]
