@@ -35,7 +35,7 @@ def test_demo_trains_to_high_miou_and_leaves_a_complete_mlflow_run(tmp_path):
     run_id = re.search(r"MLflow run\s+(\w{32})", out).group(1)
     r = client.get_run(run_id)
     assert r.data.tags["launcher"] == "ray" and r.data.tags["world_size"] == "2"
-    assert abs(r.data.metrics["eval/val_miou"] - miou) < 1e-9
+    assert abs(r.data.metrics["eval/val_miou"] - miou) < 1e-4  # printed to 4 decimals
     losses = [m.value for m in sorted(client.get_metric_history(run_id, "train/loss"), key=lambda m: m.step)]
     assert losses[-1] < 0.5 * losses[0]
     assert client.search_model_versions("name='unet-cityscapes'")

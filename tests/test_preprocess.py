@@ -28,7 +28,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _cfg(root: Path, out: Path, *extra: str):
+    """Source-size samples unless a test asks for a resize (the demo default resizes to 128x128)."""
     return load_config(None, [f"data.root={root}", f"shards.dir={out}", "quantize.sample_pixels=20000",
+                              "data.resize=null",
                               "shards.samples_per_shard=8", "shards.processes=2", *extra])
 
 

@@ -1,11 +1,12 @@
-"""torchrun DDP on CPU (gloo): the same loop as Ray, real processes, small data."""
+"""torchrun DDP on CPU (gloo) through the one-node launcher jobs/torchrun_single.sh: the same loop
+as Ray, real processes, small data."""
 import re
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import BIN, clean_env, run
+from conftest import BIN, REPO, clean_env, run
 from unet_dist.train import checkpoint
 
 TINY = ["model.width=4", "model.depth=3", "train.crop=[32,32]", "train.batch_size=2", "train.loader_workers=0",
@@ -15,10 +16,9 @@ TINY = ["model.width=4", "model.depth=3", "train.crop=[32,32]", "train.batch_siz
 def torchrun(tmp: Path, shards: Path, steps: int, *extra: str, nproc: int = 2, restarts: int = 0):
     sets = [f"shards.dir={shards}", f"train.checkpoint_dir={tmp / 'ckpt'}", f"train.steps={steps}",
             "train.checkpoint_every=3", "train.run_name=tr", *TINY, *extra]
-    cmd = [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", f"--max-restarts={restarts}",
-           "-m", "unet_dist.train"] + [a for s in sets for a in ("--set", s)]
-    env = clean_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp / 'mlflow.db'}")
-    return run(cmd, cwd=tmp, env=env, timeout=300)
+    env = clean_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp / 'mlflow.db'}", NPROC=str(nproc),
+                    MAX_RESTARTS=str(restarts), CONFIG="jobs/configs/demo.yaml", TORCHRUN=str(BIN / "torchrun"))
+    return run(["bash", str(REPO / "jobs" / "torchrun_single.sh"), *sets], cwd=tmp, env=env, timeout=300)
 
 
 def digests(log: str) -> dict[int, str]:

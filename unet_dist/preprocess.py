@@ -33,7 +33,7 @@ import numpy as np
 
 from unet_dist.config import Config, add_config_args, config_from_args, to_dict
 from unet_dist.data import shards as sh
-from unet_dist.data.quantize import Quantizer, color_codes, fit_quantizer, sample_mask_pixels
+from unet_dist.data.quantize import Quantizer, fit_quantizer, lookup, sample_mask_pixels
 from unet_dist.data.sources import SPLITS, BadInput, Sample, list_samples, load_sample
 from unet_dist.errors import UnetDistError
 from unet_dist.labels import IGNORE, NUM_CLASSES, id_to_train_id_lut
@@ -174,7 +174,7 @@ def _unit_task(unit: Unit) -> dict:
             if job.label_source == "labelIds":
                 ids = _ID_LUT[dec.mask]
             else:
-                ids = _LUT[color_codes(dec.mask)]
+                ids = lookup(_LUT, dec.mask)
                 far = ids == FAR
                 rec["far_pixels"] += int(far.sum())
                 ids[far] = IGNORE

@@ -27,8 +27,22 @@ def color_codes(rgb: np.ndarray) -> np.ndarray:
     rgb = np.asarray(rgb)
     if rgb.shape[-1:] != (3,) or rgb.dtype != np.uint8:
         raise ValueError(f"expected (..., 3) uint8 colours, got {rgb.shape} {rgb.dtype}")
-    c = rgb.astype(np.uint32)
-    return (c[..., 0] << 16) | (c[..., 1] << 8) | c[..., 2]
+    # One uint32 array shifted and or-ed in place: a third of the temporaries of the plain
+    # expression (benchmarks/bench_preprocess.py: about 1.5x faster on a 256x256 mask).
+    c = rgb[..., 0].astype(np.uint32)
+    c <<= 8
+    c |= rgb[..., 1]
+    c <<= 8
+    c |= rgb[..., 2]
+    return c
+
+
+def lookup(lut: np.ndarray, rgb: np.ndarray) -> np.ndarray:
+    """(..., 3) uint8 colours -> (...) entries of a (2**24,) colour table.
+
+    ``np.take`` rather than ``lut[codes]``: the same result, about twice as fast for one mask.
+    """
+    return np.take(lut, color_codes(rgb))
 
 
 def sample_mask_pixels(mask: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -98,7 +112,7 @@ class Quantizer:
 
     def map_mask(self, rgb: np.ndarray) -> np.ndarray:
         """(H, W, 3) uint8 colour mask -> (H, W) uint8 trainIds."""
-        return self.build_lut()[color_codes(rgb)]
+        return lookup(self.build_lut(), rgb)
 
 
 def build_lut(centroids: np.ndarray, train_ids: np.ndarray, max_distance: float,

@@ -68,6 +68,21 @@ def _latest_on_disk(directory: Path):
 
 
 # ----------------------------------------------------------------------------------------- torchrun
+def _init_process_group(backend: str, rank: int, world: int) -> None:
+    """``init_process_group`` on a store prefixed with torchrun's restart count. The agent's TCPStore
+    outlives a restart (torchrun shares its rendezvous store), so without the prefix a restarted
+    group can read the gloo addresses of the ranks that died and fail to connect."""
+    import torch.distributed as dist
+
+    timeout = timedelta(minutes=30)
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=not agent_store and rank == 0, timeout=timeout, multi_tenant=True)
+    prefix = f"unet_dist/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    dist.init_process_group(backend, store=dist.PrefixStore(prefix, store), rank=rank, world_size=world,
+                            timeout=timeout)
+
+
 def run_torchrun(cfg: Config) -> dict | None:
     """Called in every rank that torchrun starts; returns the summary on rank 0."""
     import torch.distributed as dist
@@ -76,7 +91,7 @@ def run_torchrun(cfg: Config) -> dict | None:
     local_rank = int(os.environ["LOCAL_RANK"])
     cfg = absolute_paths(cfg)
     preflight(cfg)  # every rank: the same answer, before any collective
-    dist.init_process_group("nccl" if cfg.train.use_gpu else "gloo", timeout=timedelta(minutes=30))
+    _init_process_group("nccl" if cfg.train.use_gpu else "gloo", rank, world)
     directory = run_dir(cfg)
     try:
         run_id = open_run(cfg, "torchrun", world)[0] if rank == 0 else None
