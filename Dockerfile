@@ -32,7 +32,7 @@ WORKDIR /app
 # against an empty package, pinned by constraints.txt.
 COPY pyproject.toml constraints.txt README.md ./
 RUN mkdir unet_dist && touch unet_dist/__init__.py \
-    && pip install ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} -c constraints.txt . "psycopg2-binary==2.9.13" \
+    && pip install ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} -c constraints.txt ".[gpu]" "psycopg2-binary==2.9.13" \
     && rm -rf unet_dist build ./*.egg-info
 
 # The code, then the job configs (entry points read /app/jobs/configs/*.yaml).

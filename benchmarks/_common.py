@@ -22,10 +22,11 @@ if str(REPO) not in sys.path:  # run as `python benchmarks/x.py` from anywhere
     sys.path.insert(0, str(REPO))
 
 
-def parser(description: str) -> argparse.ArgumentParser:
+def parser(description: str, repeats: int = 3) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--quick", action="store_true", help="tiny sizes, < 20 s: checks the script runs")
-    p.add_argument("--repeats", type=int, default=3, help="repeats per measurement (>= 3; the median is reported)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes and 3 repeats, < 20 s: checks the script runs")
+    p.add_argument("--repeats", type=int, default=repeats,
+                   help=f"repeats per measurement, >= 3; the median is reported (default {repeats})")
     p.add_argument("--cache", default=os.environ.get("UNET_BENCH_CACHE", ""),
                    help="where generated data is kept between runs (default $UNET_BENCH_CACHE or a temp dir)")
     return p
@@ -75,6 +76,10 @@ def header(title: str, args) -> float:
     import numpy
     import torch
 
+    if args.repeats < 3:
+        raise SystemExit("--repeats: expected >= 3 (medians of fewer runs say little on a shared machine)")
+    if args.quick:
+        args.repeats = 3
     print(f"\n## {title}\n")
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     print(f"machine: {os.cpu_count()} cores ({cpu_model()}), GPU: {gpu}, "

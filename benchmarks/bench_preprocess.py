@@ -39,10 +39,10 @@ def our_runs(root: Path, work: Path, processes: int, samples_per_shard: int) -> 
 
 
 def main() -> None:
-    args = C.parser(__doc__.split("\n\n")[0]).parse_args()
+    args = C.parser(__doc__.split("\n\n")[0], repeats=5).parse_args()
     t_start = C.header("Preprocess: colour -> class mapping + shard writing", args)
     cache = C.cache_dir(args.cache)
-    n_train, n_val, spp, n_naive = (16, 8, 4, 4) if args.quick else (184, 16, 25, 40)
+    n_train, n_val, spp, n_naive = (16, 8, 8, 4) if args.quick else (184, 16, 25, 40)
     root = C.dataset(cache, n_train, n_val)
 
     from PIL import Image
@@ -56,14 +56,9 @@ def main() -> None:
 
     work = cache / "work-preprocess"
     work.mkdir(exist_ok=True)
-    runs: dict[int, list[dict]] = {1: [], 2: []}
-    for _ in range(args.repeats):  # interleaved, so drifting load hits both alike
-        for procs in (1, 2):
-            runs[procs].append(our_runs(root, work, procs, spp))
-    n_images = runs[1][0]["n"]
-
-    # The same images, decoded once up front for the mapping-only comparison and the floors.
-    q = Quantizer.from_json((runs[1][0]["out"] / "quantizer.json").read_text())
+    first = our_runs(root, work, 1, spp)  # also gives the quantizer the other cases use
+    n_images = first["n"]
+    q = Quantizer.from_json((first["out"] / "quantizer.json").read_text())
     lut = q.build_lut()
     samples = [s for v in list_samples(root, "pairs").values() for s in v]
     raw = [(root / s.photo).read_bytes() for s in samples]
@@ -75,18 +70,15 @@ def main() -> None:
 
     labels = [lookup(lut, np.ascontiguousarray(decode(r)[:, 256:])) for r in raw]
 
-    def floor_png() -> None:
+    def floor_png() -> None:  # the floor: decode every image, encode its label PNG
         for r, ids in zip(raw, labels):
             decode(r)
             sh.encode_png(ids)
 
-    def floor_codec() -> None:
+    def floor_codec() -> None:  # + the photo JPEG the shards store
         for r, ids in zip(raw, labels):
             sh.encode_jpeg(decode(r)[:, :256])
             sh.encode_png(ids)
-
-    floor = C.timed(floor_png, args.repeats, warmup=1)
-    codec = C.timed(floor_codec, args.repeats)
 
     # The naive approach: a KMeans with our centroids, predict on every pixel of every mask.
     km = KMeans(n_clusters=len(q.centroids), init=q.centroids, n_init=1, max_iter=1).fit(q.centroids)
@@ -106,11 +98,24 @@ def main() -> None:
                                              ids, s.photo, s.split)
         sh.write_tar(work / "naive.tar", members())
 
-    with threadpool_limits(1):  # one core, like our single-process run
-        naive = C.timed(naive_pipeline, args.repeats, warmup=1)
-        predict_1 = C.timed(lambda: [naive_map(d.mask) for d in decoded], args.repeats)
-    predict_all = C.timed(lambda: [naive_map(d.mask) for d in decoded], args.repeats, warmup=1)
-    ours_map = C.timed(lambda: [lookup(lut, d.mask) for d in decoded], args.repeats, warmup=1)
+    def time_once(fn) -> float:
+        return C.timed(fn, 1)[0]
+
+    # Rounds: every case once per round, so load that drifts on a shared machine hits all alike.
+    runs: dict[int, list[dict]] = {1: [], 2: []}
+    floor, codec, naive, predict_1, predict_all, ours_map = [], [], [], [], [], []
+    naive_pipeline()  # warm-up: sklearn's first predict, page cache
+    for _ in range(args.repeats):
+        for procs in (1, 2):
+            runs[procs].append(our_runs(root, work, procs, spp))
+        floor.append(time_once(floor_png))
+        codec.append(time_once(floor_codec))
+        with threadpool_limits(1):  # one core, like our single-process run
+            naive.append(time_once(naive_pipeline))
+            predict_1.append(time_once(lambda: [naive_map(d.mask) for d in decoded]))
+        predict_all.append(time_once(lambda: [naive_map(d.mask) for d in decoded]))
+        ours_map.append(time_once(lambda: [lookup(lut, d.mask) for d in decoded]))
+
     ours_ids = [lookup(lut, d.mask) for d in decoded]
     kept = [m != IGNORE for m in ours_ids]  # ours also sends colours far from every centroid to ignore
     agree = sum(int((naive_map(d.mask)[k] == m[k]).sum()) for d, m, k in zip(decoded, ours_ids, kept)) / max(

@@ -75,3 +75,7 @@ def test_unknown_key_on_command_line_is_one_line_error():
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [out.stderr.strip()]
     assert "unknown key 'train.bogus'" in out.stderr
+
+
+def test_demo_yaml_spells_out_exactly_the_builtin_defaults():
+    assert load_config(REPO / "jobs" / "configs" / "demo.yaml") == Config()

@@ -164,7 +164,7 @@ def run_ray(cfg: Config) -> dict:
         else:
             # "local" always starts a private cluster for this job (never a stale one from /tmp/ray).
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-            ray.init(address="local", include_dashboard=False, log_to_driver=True)
+            ray.init(address="local", log_to_driver=True)
     trainer = TorchTrainer(
         _ray_worker,
         train_loop_config={"config": to_dict(cfg), "run_id": run_id, "run_dir": str(run_dir(cfg))},
