@@ -54,6 +54,19 @@ def timed(fn: Callable[[], object], repeats: int, warmup: int = 0) -> list[float
     return out
 
 
+def cpu_timed(fn: Callable[[], object], repeats: int, warmup: int = 0) -> list[float]:
+    """CPU seconds of this process for ``repeats`` calls: the per-core cost, which other users of
+    a shared machine move far less than the wall clock (they still share caches and memory)."""
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(repeats):
+        c0 = time.process_time()
+        fn()
+        out.append(time.process_time() - c0)
+    return out
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -146,6 +159,25 @@ def fmt(v: float) -> str:
 
 def goal_line(name: str, value: float, goal: str, met: bool) -> str:
     return f"- {name}: **{value:.2f}** (goal {goal}) — {'met' if met else 'NOT met'}"
+
+
+def unet_flops(width: int, size: tuple[int, int]) -> tuple[float, float]:
+    """FLOPs (forward, forward + backward) of one image through the U-Net, counted on the meta device."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from unet_dist.model import UNet
+
+    with torch.device("meta"):
+        model = UNet(3, 19, width, 5, "same", True)
+        x = torch.empty(1, 3, *size)
+        fwd = FlopCounterMode(display=False)
+        with fwd:
+            model(x)
+        train = FlopCounterMode(display=False)
+        with train:
+            model(x).sum().backward()
+    return float(fwd.get_total_flops()), float(train.get_total_flops())
 
 
 # ------------------------------------------------------------------------------------- data

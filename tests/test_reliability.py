@@ -195,8 +195,7 @@ def assert_only_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
 @pytest.fixture(scope="module")
 def ray_worker_killed(tmp_path_factory, small_shards):
     tmp = tmp_path_factory.mktemp("ray_worker_kill")
-    run_dir, log, steps = tmp / "ckpt" / "rw", tmp / "job.log", 30
-    t0 = time.monotonic()
+    run_dir, log, steps = tmp / "ckpt" / "rw", tmp / "job.log", 24
     proc = start(ray_cmd(tmp, small_shards, "rw", steps, "train.max_failures=1"), tmp, log)
     try:
         ckpt_at, logged_at = wait_until(lambda: past_a_checkpoint(run_dir, log, steps),
@@ -210,7 +209,7 @@ def ray_worker_killed(tmp_path_factory, small_shards):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     return {"tmp": tmp, "text": text, "rc": proc.returncode, "newest": newest, "ckpt_at": ckpt_at,
-            "logged_at": logged_at, "run_dir": run_dir, "steps": steps, "seconds": time.monotonic() - t0}
+            "logged_at": logged_at, "run_dir": run_dir, "steps": steps}
 
 
 def test_killed_ray_worker_restarts_and_resumes_from_the_last_checkpoint(ray_worker_killed):
@@ -238,7 +237,6 @@ def test_killed_ray_worker_logs_to_the_same_mlflow_run_once_per_step(ray_worker_
 def torchrun_rank_killed(tmp_path_factory, small_shards):
     tmp = tmp_path_factory.mktemp("torchrun_kill")
     run_dir, log, steps = tmp / "ckpt" / "tk", tmp / "job.log", 60
-    t0 = time.monotonic()
     proc = start(torchrun_cmd(tmp, small_shards, "tk", steps, restarts=1), tmp, log)
     try:
         ckpt_at, logged_at = wait_until(lambda: past_a_checkpoint(run_dir, log, steps),
@@ -253,8 +251,7 @@ def torchrun_rank_killed(tmp_path_factory, small_shards):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     return {"tmp": tmp, "text": text, "rc": proc.returncode, "newest": newest, "ckpt_at": ckpt_at,
-            "logged_at": logged_at, "run_dir": run_dir, "steps": steps, "shards": small_shards,
-            "seconds": time.monotonic() - t0}
+            "logged_at": logged_at, "run_dir": run_dir, "steps": steps, "shards": small_shards}
 
 
 def test_killed_torchrun_rank_restarts_the_group_which_resumes_from_the_last_checkpoint(torchrun_rank_killed):
@@ -278,8 +275,9 @@ def test_killed_job_relaunched_with_the_same_run_name_resumes_the_newest_checkpo
     proc = start(ray_cmd(tmp_path, small_shards, "dk", steps), tmp_path, log)
     workers: dict[int, int] = {}
     try:
-        wait_until(lambda: latest_step(run_dir) >= 10, what="checkpoint 10", proc=proc, log=log)
+        wait_until(lambda: latest_step(run_dir) >= 5, what="a checkpoint", proc=proc, log=log)
         workers = ray_worker_pids(log.read_text())
+        assert set(workers) == {0, 1}, log.read_text()[-3000:]
         os.killpg(proc.pid, signal.SIGKILL)  # the driver, its GCS and raylet: as if the node died
         proc.wait()
         deadline = time.monotonic() + 30  # workers notice their raylet is gone and exit
@@ -293,7 +291,7 @@ def test_killed_job_relaunched_with_the_same_run_name_resumes_the_newest_checkpo
                 os.kill(pid, signal.SIGKILL)
     first = log.read_text()
     newest = latest_step(run_dir)
-    assert 10 <= newest < steps, first[-3000:]
+    assert 5 <= newest < steps, first[-3000:]
 
     again = run(ray_cmd(tmp_path, small_shards, "dk", steps), cwd=tmp_path, env=env_for(tmp_path), timeout=240)
     text = again.stdout + again.stderr
@@ -362,6 +360,7 @@ def test_corrupt_shard_at_train_time_is_refused_naming_the_shard(tmp_path, small
     [line] = error_lines(proc.stderr)
     assert re.fullmatch(rf"error: {re.escape(str(bad))}: sha256 \w+\.\.\. does not match the manifest's "
                         rf"\w+\.\.\.; the shard is corrupt or stale, rerun preprocess", line), line
+    assert mlflow_status(tmp_path, run_id_of(proc.stderr)) == "FAILED", "no run left RUNNING"
     assert not (tmp_path / "ckpt" / "corrupt").exists() or latest_step(tmp_path / "ckpt" / "corrupt") == 0
 
 
@@ -413,7 +412,7 @@ def cityscapes_raw(tmp_path_factory) -> Path:
 
 
 def _cfg(root: Path, out: Path, *extra: str):
-    return load_config(None, [f"data.root={root}", f"shards.dir={out}", "data.layout=cityscapes",
+    return load_config(None, [f"data.root={root}", f"shards.dir={out}", "data.layout=cityscapes", "data.resize=null",
                               "quantize.sample_pixels=20000", "shards.samples_per_shard=4", "shards.processes=1",
                               *extra])
 
@@ -466,7 +465,7 @@ def test_truncated_png_under_fail_is_one_error_line_naming_the_file(cityscapes_r
     bad = sorted((root / "gtFine" / "train").glob("*/*_gtFine_color.png"))[2]
     bad.write_bytes(bad.read_bytes()[:200])
     proc = run([sys.executable, "-m", "unet_dist.preprocess", "--set", f"data.root={root}", "--set",
-                f"shards.dir={tmp_path / 'out'}", "--set", "data.layout=cityscapes", "--set",
+                f"shards.dir={tmp_path / 'out'}", "--set", "data.layout=cityscapes", "--set", "data.resize=null", "--set",
                 "quantize.sample_pixels=5000", "--set", "shards.processes=1"], cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     [line] = error_lines(proc.stderr)

@@ -9,6 +9,7 @@ are exact for any world size.
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass
 from functools import partial
 
@@ -108,12 +109,18 @@ def _scaled_window(image, label, size, top_left, window, m):
     if (nh, nw) == (h, w):
         return image[y : y + wh, x : x + ww], label[y + m : y + wh - m, x + m : x + ww - m]
     sy, sx = h / nh, w / nw
-    box = (x * sx, y * sy, (x + ww) * sx, (y + wh) * sy)
-    image = np.asarray(Image.fromarray(image).resize((ww, wh), Image.BILINEAR, box=box))
-    # Nearest neighbour by index, the source pixel under each target pixel centre, as PIL's
-    # full-size NEAREST resize picks it.
-    rows = np.minimum(((np.arange(y + m, y + wh - m) + 0.5) * sy).astype(np.intp), h - 1)
-    cols = np.minimum(((np.arange(x + m, x + ww - m) + 0.5) * sx).astype(np.intp), w - 1)
+    # Only the source region under the window (plus the filter's reach, <= max(1, 1/scale) pixels)
+    # goes to PIL: converting the whole photo into a PIL image costs more than the resize itself.
+    reach = math.ceil(max(sx, sy, 1.0)) + 1
+    y0, x0 = max(0, math.floor(y * sy) - reach), max(0, math.floor(x * sx) - reach)
+    y1, x1 = min(h, math.ceil((y + wh) * sy) + reach), min(w, math.ceil((x + ww) * sx) + reach)
+    box = (x * sx - x0, y * sy - y0, (x + ww) * sx - x0, (y + wh) * sy - y0)
+    region = Image.fromarray(np.ascontiguousarray(image[y0:y1, x0:x1]))
+    image = np.asarray(region.resize((ww, wh), Image.BILINEAR, box=box))
+    # Nearest neighbour by index: the source pixel under each target pixel centre, floor((i + 0.5)
+    # * h / nh) in exact integer arithmetic (PIL's own NEAREST rounds in fixed point).
+    rows = (2 * np.arange(y + m, y + wh - m) + 1) * h // (2 * nh)
+    cols = (2 * np.arange(x + m, x + ww - m) + 1) * w // (2 * nw)
     return image, label[rows[:, None], cols]
 
 

@@ -62,6 +62,18 @@ def open_run(cfg: Config, launcher: str, world: int) -> tuple[str, str | None]:
     return run_id, str(latest) if latest else None
 
 
+def _mark_failed(cfg: Config, run_id: str | None) -> None:
+    """A job that ends in an error leaves its MLflow run FAILED, not RUNNING for ever."""
+    if not run_id:
+        return
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient(cfg.mlflow.tracking_uri).set_terminated(run_id, "FAILED")
+    except Exception:  # the tracking server is unreachable: the job's own error matters more
+        log.warning("could not mark MLflow run %s FAILED", run_id)
+
+
 @contextlib.contextmanager
 def _latest_on_disk(directory: Path):
     yield checkpoint.find_latest(directory)
@@ -104,7 +116,11 @@ def run_torchrun(cfg: Config) -> dict | None:
 
         ctx = Context(rank=rank, world_size=world, local_rank=local_rank, launcher="torchrun", run_id=run_id,
                       report=report, latest_checkpoint=lambda: _latest_on_disk(directory))
-        summary = train(cfg, ctx)
+        try:
+            summary = train(cfg, ctx)
+        except Exception:
+            _mark_failed(cfg, run_id)  # rank 0 holds the run id
+            raise
         latest = checkpoint.find_latest(directory)
         summary["checkpoint"] = str(latest) if latest else None
         return summary if rank == 0 else None
@@ -180,6 +196,7 @@ def run_ray(cfg: Config) -> dict:
     try:
         result = trainer.fit()
     except Exception as e:  # TrainingFailedError wraps the worker's exception
+        _mark_failed(cfg, run_id)
         cause = e
         while cause.__cause__ is not None:
             cause = cause.__cause__
@@ -189,6 +206,7 @@ def run_ray(cfg: Config) -> dict:
     metrics = result.metrics or {}
     returned = getattr(result, "return_value", None) or {}
     if returned.get("status") == "error":
+        _mark_failed(cfg, run_id)
         raise UnetDistError(returned["error"])
     if returned.get("status"):
         metrics = {**metrics, "status": returned["status"], "step": returned.get("steps")}
