@@ -9,7 +9,7 @@ unet_dist.train``, with the same ``--set`` keys (MLflow to a local sqlite file, 
 Times come from the arrival of their output lines: start-up is launch -> the loop's "training N
 steps" line; the step time is global batch / the "img/s" of each logging window after the first.
 Ray relays worker lines to the driver, so its start-up can read up to about a second late.
-Launches alternate (Ray, torchrun, Ray, ...). This is the slow script (4-5 min by default): every
+Launches alternate (Ray, torchrun, Ray, ...). This is the slow script (3-5 min by default): every
 Ray launch starts a cluster. ``--quick`` runs torchrun only, since Ray alone starts in ~25 s here.
 """
 from __future__ import annotations
@@ -127,8 +127,10 @@ def main() -> None:
                   "private local cluster, MLflow run, worker group, process group")
         s.add(base, [x["startup_s"] for x in results[(width, "torchrun")]], "rendezvous, process group, MLflow run")
         if (width, "ray") in results:
-            s.add(f"Ray Train whole job, width {width}", [x["wall_s"] for x in results[(width, "ray")]], "launch -> exit")
-        s.add(f"torchrun whole job, width {width}", [x["wall_s"] for x in results[(width, "torchrun")]], "launch -> exit")
+            s.add(f"Ray Train whole job, width {width}", [x["wall_s"] for x in results[(width, "ray")]],
+                  "launch -> exit")
+        s.add(f"torchrun whole job, width {width}", [x["wall_s"] for x in results[(width, "torchrun")]],
+              "launch -> exit")
         s.print()
         if (width, "ray") in results:
             ratios[width] = (t.ratio(f"Ray Train, width {width}"),

@@ -180,7 +180,8 @@ def spawn(variant: str, width: int, steps: int, log_every: int, crop: tuple[int,
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     if proc.returncode or line is None:
-        raise SystemExit(f"{variant} width {width} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise SystemExit(f"{variant} width {width} failed ({proc.returncode}):\n"
+                         f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return json.loads(line[len("RESULT "):])
 
 
@@ -250,7 +251,8 @@ def main() -> None:
         over_wall, over_cpu = (1 / wall - 1) * 100, (1 / cpu - 1) * 100
         print(C.goal_line(f"width {width}: time overhead of our loop over the bare loop, %, wall clock",
                           over_wall, "<= 5", over_wall <= 5))
-        print(C.goal_line(f"width {width}: the same in CPU time of the rank process, %", over_cpu, "<= 5", over_cpu <= 5))
+        print(C.goal_line(f"width {width}: the same in CPU time of the rank process, %", over_cpu, "<= 5",
+                          over_cpu <= 5))
     C.footer(t_start)
 
 

@@ -43,7 +43,8 @@ def main() -> None:
 
     size = (256, 512) if args.quick else (512, 1024)
     fwd, train = C.unet_flops(64, size)
-    print(f"**FLOPs per image, U-Net width 64, depth 5, {size[0]}x{size[1]}** (torch.utils.flop_counter, meta device)\n")
+    print(f"**FLOPs per image, U-Net width 64, depth 5, {size[0]}x{size[1]}** "
+          "(torch.utils.flop_counter, meta device)\n")
     print("| pass | GFLOP |\n|---|---|")
     print(f"| forward | {fwd / 1e9:.0f} |\n| forward + backward (one training image) | {train / 1e9:.0f} |\n")
     if not torch.cuda.is_available():

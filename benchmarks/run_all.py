@@ -5,7 +5,7 @@
     .venv/bin/python benchmarks/run_all.py --only preprocess,loader --out bench.md
 
 Arguments other than --only/--out go to every script (--quick, --repeats N, --cache DIR).
-Default run: about 10 minutes on 2 cores; the launcher comparison is most of it.
+Default run: 6-10 minutes on 2 cores (more when the machine is busy); the launcher comparison is half of it.
 """
 from __future__ import annotations
 
