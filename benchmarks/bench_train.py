@@ -227,8 +227,8 @@ def main() -> None:
               "loss.item + finite check per step, scheduler, logging, NullLogger")
         t.add(base, rate(results[(width, "bare")]), "forward, loss, backward, clip, AdamW, LambdaLR")
         t.print()
-        c = C.Table(f"The same per CPU-second of the rank process (robust to other users' load; "
-                    f"excludes waiting for the loader)", "images/CPU-s", baseline=base)
+        c = C.Table("The same per CPU-second of the rank process (robust to other users' load; "
+                    "excludes waiting for the loader)", "images/CPU-s", baseline=base)
         c.add(f"ours: train(cfg, ctx), width {width}", rate(results[(width, "ours")], "img_cpu_s"))
         c.add(base, rate(results[(width, "bare")], "img_cpu_s"))
         c.print()

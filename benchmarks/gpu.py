@@ -76,7 +76,7 @@ def main() -> None:
             x = x.contiguous(memory_format=torch.channels_last)
         y = torch.randint(0, 19, (args.batch, *size), device=dev)
 
-        def step():
+        def step(fn=fn, x=x, y=y, model=model, opt=opt, loss_fn=loss_fn, dtype=dtype):
             with torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
                 loss = loss_fn(fn(x).float(), y)
             loss.backward()

@@ -122,7 +122,7 @@ class RunLogger:
     def text(self, text: str, artifact_file: str) -> None:
         self.mlflow.log_text(text, artifact_file)
 
-    def model(self, model, cfg: Config, example_hw: tuple[int, int], checkpoint_dir: Path | None) -> str | None:
+    def model(self, model, cfg: Config, example_hw: tuple[int, int]) -> str | None:
         """Log the model (pt2 program for serving, plus our weights + config for any-size inference)."""
         import torch
         from mlflow.models import infer_signature

@@ -349,7 +349,7 @@ def train(cfg: Config, ctx: Context) -> dict:
         ctx.report({"step": step - 1, "status": status, "best_miou": best}, None)
     if ctx.rank == 0:
         if status == "finished" and cfg.mlflow.log_model and ctx.run_id and step > start_step:
-            summary["model_uri"] = tracker.model(model, cfg, crop_for_example(cfg, crop), None)
+            summary["model_uri"] = tracker.model(model, cfg, crop_for_example(cfg, crop))
         tracker.close("FINISHED" if status == "finished" else "FAILED")
     return summary
 
