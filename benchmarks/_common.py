@@ -42,29 +42,24 @@ def median(xs: Sequence[float]) -> float:
     return statistics.median(xs)
 
 
-def timed(fn: Callable[[], object], repeats: int, warmup: int = 0) -> list[float]:
-    """Wall seconds of ``repeats`` calls of ``fn`` (after ``warmup`` untimed calls)."""
+def timed(fn: Callable[[], object], repeats: int, warmup: int = 0,
+          clock: Callable[[], float] = time.perf_counter) -> list[float]:
+    """Seconds of ``clock`` (wall by default) for ``repeats`` calls of ``fn``, after ``warmup``
+    untimed calls."""
     for _ in range(warmup):
         fn()
     out = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
-        out.append(time.perf_counter() - t0)
+        out.append(clock() - t0)
     return out
 
 
 def cpu_timed(fn: Callable[[], object], repeats: int, warmup: int = 0) -> list[float]:
-    """CPU seconds of this process for ``repeats`` calls: the per-core cost, which other users of
-    a shared machine move far less than the wall clock (they still share caches and memory)."""
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(repeats):
-        c0 = time.process_time()
-        fn()
-        out.append(time.process_time() - c0)
-    return out
+    """CPU seconds of this process: the per-core cost, which other users of a shared machine move
+    far less than the wall clock (they still share caches and memory)."""
+    return timed(fn, repeats, warmup, clock=time.process_time)
 
 
 def cpu_model() -> str:

@@ -87,9 +87,14 @@ def test_registered_model_loads_with_mlflow_and_predicts(jobs):
 def test_predict_and_evaluate_accept_checkpoints_and_registered_models(jobs, source, tmp_path):
     spec = str(jobs["tmp"] / "ckpt" / "ray-test") if source == "checkpoint" else f"models:/{MODEL_NAME}/1"
     env = clean_env(MLFLOW_TRACKING_URI=jobs["uri"])
-    ev = run([sys.executable, "-m", "unet_dist.evaluate", "--model", spec, "--shards", str(jobs["shards"])],
-             cwd=tmp_path, env=env)
-    assert re.search(r"mIoU\s+0\.\d{4}", ev.stdout)
+    run_id = run_id_of(jobs["second"])
+    ev = run([sys.executable, "-m", "unet_dist.evaluate", "--model", spec, "--shards", str(jobs["shards"]),
+              "--log-to-run", run_id, "--step", "9"], cwd=tmp_path, env=env)
+    miou = float(re.search(r"mIoU\s+(0\.\d{4})", ev.stdout).group(1))
+    client = MlflowClient(jobs["uri"])
+    assert abs(client.get_metric_history(run_id, "eval/val_miou")[-1].value - miou) < 1e-4
+    assert "eval/val_confusion.png" in {a.path for a in client.list_artifacts(run_id, "eval")}
+    assert client.get_run(run_id).info.status == "FINISHED"  # logging an evaluation leaves the status
     photos = tmp_path / "photos"
     photos.mkdir()
     from PIL import Image

@@ -37,20 +37,6 @@ def place_in(cfg: Config, workdir: Path, overrides: list[str]) -> Config:
     return cfg
 
 
-def log_evaluation(cfg: Config, run_id: str, result: dict, step: int) -> None:
-    """The standalone evaluation of the final checkpoint, logged to the training run."""
-    import mlflow
-
-    from unet_dist.evaluate import format_table
-
-    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri or os.environ["MLFLOW_TRACKING_URI"])
-    client = mlflow.tracking.MlflowClient()
-    s = result["scores"]
-    client.log_metric(run_id, "eval/val_miou", s["miou"], step=step)
-    client.log_metric(run_id, "eval/val_pixel_acc", s["pixel_acc"], step=step)
-    client.log_text(run_id, format_table(result), "eval/final_table.txt")
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m unet_dist.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default="demo-work", help="where data, shards, checkpoints and MLflow go")
@@ -63,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
         from unet_dist import preprocess
         from unet_dist.data import shards
         from unet_dist.data.synthetic import write_dataset
-        from unet_dist.evaluate import evaluate_model, format_table
+        from unet_dist.evaluate import evaluate_model, format_table, log_to_run
         from unet_dist.model_io import load_model
         from unet_dist.train import launch
         from unet_dist.train.cli import summary_lines
@@ -96,12 +82,12 @@ def main(argv: list[str] | None = None) -> None:
         manifest = shards.load_manifest(cfg.shards.dir)
         result = evaluate_model(model, shards.shard_paths(cfg.shards.dir, manifest, "val"),
                                 batch_size=cfg.train.batch_size, device=torch.device("cpu"))
-        log_evaluation(cfg, summary["mlflow_run_id"], result, int(summary["steps"] or 0))
+        uri = cfg.mlflow.tracking_uri or os.environ["MLFLOW_TRACKING_URI"]
+        log_to_run(uri, summary["mlflow_run_id"], result, "val", int(summary["steps"] or 0))
         times["evaluate"] = time.perf_counter() - t0
         print(format_table(result))
 
         miou = result["scores"]["miou"]
-        uri = cfg.mlflow.tracking_uri or os.environ["MLFLOW_TRACKING_URI"]
         print("\n".join(["", "demo summary"] + ["  " + line for line in summary_lines(summary, times["train (Ray)"])]))
         for stage, seconds in times.items():
             print(f"  {stage:<15} {seconds:6.1f} s")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 
 import numpy as np
 import torch
@@ -61,6 +62,24 @@ def format_table(result: dict) -> str:
     return "\n".join(rows)
 
 
+def log_to_run(tracking_uri: str, run_id: str, result: dict, split: str, step: int) -> None:
+    """Log an evaluation to an existing run (scores, table, confusion heatmap), leaving its status."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    from unet_dist import viz
+
+    s = result["scores"]
+    values = {f"eval/{split}_miou": s["miou"], f"eval/{split}_pixel_acc": s["pixel_acc"],
+              **{f"eval_iou/{n}": v for n, v in zip(labels.CLASS_NAMES, s["iou"]) if not np.isnan(v)}}
+    client = MlflowClient(tracking_uri)
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()])
+    client.log_text(run_id, format_table(result), f"eval/{split}_table.txt")
+    client.log_image(run_id, viz.confusion_heatmap(result["confusion"], labels.CLASS_NAMES),
+                     f"eval/{split}_confusion.png")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m unet_dist.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="checkpoint dir, run dir, runs:/... or models:/...")
@@ -100,19 +119,9 @@ def main(argv: list[str] | None = None) -> None:
         else:
             print(format_table(result))
         if args.log_to_run:
-            import mlflow
-
             from unet_dist.tracking import resolve_tracking_uri
-            from unet_dist import viz
 
-            mlflow.set_tracking_uri(resolve_tracking_uri(cfg))
-            with mlflow.start_run(run_id=args.log_to_run):
-                mlflow.log_metrics({f"eval/{args.split}_miou": s["miou"], f"eval/{args.split}_pixel_acc": s["pixel_acc"],
-                                    **{f"eval_iou/{n}": v for n, v in zip(labels.CLASS_NAMES, s["iou"]) if not np.isnan(v)}},
-                                   step=args.step)
-                mlflow.log_text(format_table(result), f"eval/{args.split}_table.txt")
-                mlflow.log_image(viz.confusion_heatmap(result["confusion"], labels.CLASS_NAMES),
-                                 f"eval/{args.split}_confusion.png")
+            log_to_run(resolve_tracking_uri(cfg), args.log_to_run, result, args.split, args.step)
 
     run_main(run)
 
