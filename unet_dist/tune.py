@@ -9,6 +9,8 @@ MLflow: one parent run per sweep (search space, results table, metric-vs-hyperpa
 best config), one nested child run per trial (the loop's usual metrics and pictures), and only the
 best trial's model registered. Rerunning the same command after the driver died resumes the sweep
 (``Tuner.restore``): finished trials are neither rerun nor logged again.
+
+Heavy imports (torch, Ray, MLflow) wait until they are needed, so a bad sweep file fails fast.
 """
 from __future__ import annotations
 
@@ -22,13 +24,11 @@ import sys
 import time
 from pathlib import Path
 
-from unet_dist import viz
 from unet_dist.cli import run_main
 from unet_dist.config import Config, add_config_args, config_from_args, dump_yaml, from_dict, to_dict
 from unet_dist.errors import UnetDistError
 from unet_dist.sweep import (Sweep, check_against_base, check_cluster, load_sweep, max_steps, param_space,
                              trial_config)
-from unet_dist.train import checkpoint, launch
 
 log = logging.getLogger("unet_dist.tune")
 STATE_FILE = "unet_sweep.json"  # beside Tune's own experiment state: the parent run and sweep digest
@@ -60,6 +60,8 @@ def _report_callback(run_id: str, total_steps: int):
 def run_trial(values: dict, *, base: dict, sweep: Sweep, trials_dir: str, parent_run_id: str) -> None:
     """One Tune trial: a Ray Train run of the one loop, logging to a child run of the sweep's run."""
     import ray.tune
+
+    from unet_dist.train import launch
 
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = trial_config(from_dict(base, "base config"), values, sweep, trial_id, trials_dir)
@@ -120,6 +122,8 @@ def _child_runs(client, parent_run_id: str) -> dict[str, object]:
 
 def _rows(results, cfg: Config, sweep: Sweep, trials_dir: Path, children: dict) -> list[dict]:
     """One row per trial: its values, how it ended, its score, MLflow run and newest checkpoint."""
+    from unet_dist.train import checkpoint
+
     rows = []
     for res in results:
         metrics = res.metrics or {}
@@ -166,6 +170,8 @@ def _finish_parent(cfg: Config, sweep: Sweep, parent_run_id: str, rows: list[dic
                    wall_s: float) -> dict | None:
     """Results table, picture, best config and the best model's registration, on the parent run."""
     import mlflow
+
+    from unet_dist import viz
 
     client = mlflow.tracking.MlflowClient(cfg.mlflow.tracking_uri)
     for row in rows:  # an early-stopped trial's run was cut off mid-way: say so instead of RUNNING
@@ -220,6 +226,8 @@ def run_sweep(cfg: Config, sweep: Sweep) -> dict:
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from unet_dist.train import launch
 
     cfg = launch.absolute_paths(cfg)
     check_against_base(sweep, cfg)
