@@ -23,10 +23,10 @@ KUBE_VERSION = "1.32"  # the oldest API we target; kubectl here is v1.32
 NAMESPACE = "unet-dist"
 UID = 1000
 MLFLOW_URI = f"http://mlflow.{NAMESPACE}.svc.cluster.local:5000"
-LAUNCHERS = ("ray", "trainjob", "pytorchjob")
+LAUNCHERS = ("ray", "trainjob", "pytorchjob", "tune")
 OVERLAYS = ("cpu-smoke", "gpu")
 # What `python -m unet_dist.X` may name: the project's entry points.
-ENTRY_POINTS = {"preprocess", "train", "evaluate", "predict", "demo", "synth"}
+ENTRY_POINTS = {"preprocess", "train", "evaluate", "predict", "demo", "synth", "tune"}
 BUILT_IN = {"v1", "apps/v1", "batch/v1"}
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|CREDENTIAL|(^|_)KEY($|_)", re.IGNORECASE)
 # A resource quantity, as the API server parses it (the OpenAPI schema only says "string").
@@ -155,7 +155,7 @@ def test_custom_resources_carry_the_fields_their_operators_require(overlay):
     for job in by_kind["RayJob"]:
         spec = job["spec"]
         assert job["apiVersion"] == "ray.io/v1"
-        assert spec["entrypoint"].startswith("python -m unet_dist.train ")
+        assert spec["entrypoint"].startswith(("python -m unet_dist.train ", "python -m unet_dist.tune "))
         env_vars = yaml.safe_load(spec["runtimeEnvYAML"])["env_vars"]
         assert env_vars["MLFLOW_TRACKING_URI"] == MLFLOW_URI
         assert not {"pip", "conda", "uv", "working_dir"} & set(yaml.safe_load(spec["runtimeEnvYAML"]))
@@ -277,7 +277,10 @@ def test_commands_name_real_entry_points_and_config_files(overlay):
                 assert config.startswith("/app/jobs/configs/"), f"{where(obj)}: --config {config} is not in the image's jobs/configs"
                 assert (REPO / "jobs" / "configs" / Path(config).name).is_file(), f"{where(obj)}: {config} does not exist"
                 seen_configs.add(Path(config).name)
-    assert {"preprocess", "train"} <= seen_modules
+            for search in re.findall(r"--search[= ](\S+)", command):
+                assert search.startswith("/app/jobs/sweeps/"), f"{where(obj)}: --search {search} is not in the image's jobs/sweeps"
+                assert (REPO / "jobs" / "sweeps" / Path(search).name).is_file(), f"{where(obj)}: {search} does not exist"
+    assert {"preprocess", "train", "tune"} <= seen_modules
     assert seen_configs == ({"smoke.yaml"} if overlay == "cpu-smoke" else {"cityscapes.yaml"})
 
 
@@ -459,3 +462,19 @@ def test_preprocess_job_waits_for_real_data_but_not_for_synthetic(overlay):
         assert "/mnt/shared/data/synth" in init[0]["args"]
     else:
         assert not init
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_sweep_rayjob_is_the_training_cluster_with_pods_labelled_tune(overlay):
+    (train,) = [o for o in render(f"overlays/{overlay}/ray") if o["kind"] == "RayJob"]
+    (sweep,) = [o for o in render(f"overlays/{overlay}/tune") if o["kind"] == "RayJob"]
+    assert sweep["metadata"]["name"] != train["metadata"]["name"]
+    assert sweep["spec"]["entrypoint"].startswith("python -m unet_dist.tune --config ")
+    assert "--search /app/jobs/sweeps/" in sweep["spec"]["entrypoint"]
+    labels = [(t.get("metadata") or {}).get("labels", {}) for _, t in pod_templates(sweep)]
+    assert len(labels) == 3 and all(lab["app.kubernetes.io/component"] == "tune" for lab in labels)
+
+    def without_labels(spec):
+        return yaml.safe_load(re.sub(r"app\.kubernetes\.io/component: \w+", "", yaml.safe_dump(spec)))
+
+    assert without_labels(sweep["spec"]["rayClusterSpec"]) == without_labels(train["spec"]["rayClusterSpec"])
