@@ -180,7 +180,7 @@ def unet_flops(width: int, size: tuple[int, int]) -> tuple[float, float]:
 
 def dataset(cache: Path, n_train: int, n_val: int) -> Path:
     """Synthetic pairs-layout images (256x512 JPEGs), written once and kept in the cache."""
-    from unet_dist.data.synthetic import write_dataset
+    from unet_dist.synth import write_dataset
 
     root = cache / f"pairs-{n_train}-{n_val}"
     if not (root / "synth.json").is_file() or len(list((root / "train").glob("*.jpg"))) != n_train:

@@ -81,7 +81,7 @@ def cityscapes_like_tar(cache: Path, n: int) -> Path:
 
     from unet_dist import files
     from unet_dist.data import shards as sh
-    from unet_dist.data.synthetic import render_scene, sample_rng
+    from unet_dist.synth import render_scene, sample_rng
     from unet_dist.labels import id_to_train_id_lut
 
     path = cache / f"cityscapes-like-{n}.tar"

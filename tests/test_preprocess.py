@@ -20,7 +20,7 @@ from PIL import Image
 from unet_dist.config import load_config
 from unet_dist import files
 from unet_dist.data import shards as sh
-from unet_dist.data.synthetic import write_dataset
+from unet_dist.synth import write_dataset
 from unet_dist.errors import UnetDistError
 from unet_dist.labels import IGNORE, id_to_train_id_lut
 from unet_dist.preprocess import run

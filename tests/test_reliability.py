@@ -33,7 +33,7 @@ from conftest import BIN, REPO, clean_env, run
 from unet_dist import preprocess
 from unet_dist.config import load_config
 from unet_dist.data import shards as sh
-from unet_dist.data.synthetic import write_dataset
+from unet_dist.synth import write_dataset
 from unet_dist.labels import IGNORE
 from unet_dist.train import checkpoint
 

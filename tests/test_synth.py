@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from unet_dist.data.synthetic import ID_COLORS, render_scene, write_dataset
+from unet_dist.synth import ID_COLORS, render_scene, write_dataset
 from unet_dist.errors import UnetDistError
 from unet_dist.labels import id_to_train_id_lut, palette_colors
 

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from dataclasses import dataclass, field
-from typing import Optional
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -72,7 +71,6 @@ class Quantizer:
     train_ids: np.ndarray  # (K,) uint8
     names: list[str]
     distances: np.ndarray  # (K,) distance of each centroid to its nearest palette colour
-    _lut: Optional[np.ndarray] = field(default=None, init=False, repr=False, compare=False)
 
     def to_json(self) -> str:
         return json.dumps({
@@ -103,16 +101,7 @@ class Quantizer:
         Colours farther than ``max_distance`` from every centroid get ``far_value`` (ignore by
         default; the preprocess job passes a marker to count them).
         """
-        if far_value == IGNORE and self._lut is not None:
-            return self._lut
-        lut = build_lut(self.centroids, self.train_ids, self.max_distance, far_value)
-        if far_value == IGNORE:
-            self._lut = lut
-        return lut
-
-    def map_mask(self, rgb: np.ndarray) -> np.ndarray:
-        """(H, W, 3) uint8 colour mask -> (H, W) uint8 trainIds."""
-        return lookup(self.build_lut(), rgb)
+        return build_lut(self.centroids, self.train_ids, self.max_distance, far_value)
 
 
 def build_lut(centroids: np.ndarray, train_ids: np.ndarray, max_distance: float,
