@@ -195,9 +195,10 @@ def shards(cache: Path, root: Path, samples_per_shard: int) -> Path:
     """Shards of ``root`` at the source size (no resize), made once with the real preprocess job."""
     from unet_dist import preprocess
     from unet_dist.config import load_config
+    from unet_dist.data.shards import MANIFEST
 
     out = cache / f"shards-{root.name}-{samples_per_shard}"
-    if not (out / "manifest.json").is_file():
+    if not (out / MANIFEST).is_file():
         cfg = load_config(None, [f"data.root={root}", f"shards.dir={out}", "data.resize=null",
                                  f"shards.samples_per_shard={samples_per_shard}"])
         preprocess.run(cfg)

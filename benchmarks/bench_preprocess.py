@@ -59,7 +59,7 @@ def main() -> None:
     work.mkdir(exist_ok=True)
     first = our_runs(root, work, 1, spp, extra)  # also gives the quantizer the other cases use
     n_images = first["n"]
-    q = Quantizer.from_json((first["out"] / "quantizer.json").read_text())
+    q = Quantizer.from_json((first["out"] / sh.QUANTIZER).read_text())
     lut = q.build_lut()
     samples = [s for v in list_samples(root, "pairs").values() for s in v]
     raw = [(root / s.photo).read_bytes() for s in samples]

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from unet_dist.data.shards import QUANTIZER
 from unet_dist.errors import UnetDistError
 from unet_dist.labels import IGNORE, LABELS, palette_colors
 
@@ -82,7 +83,7 @@ class Quantizer:
         }, indent=1, sort_keys=True) + "\n"
 
     @classmethod
-    def from_json(cls, text: str, origin: str = "quantizer.json") -> "Quantizer":
+    def from_json(cls, text: str, origin: str = QUANTIZER) -> "Quantizer":
         try:
             d = json.loads(text)
             q = cls(int(d["k"]), int(d["seed"]), int(d["sample_pixels"]), float(d["max_distance"]),
