@@ -27,16 +27,16 @@ import _common as C  # noqa: E402
 def sweep_file(path: Path, name: str, asha: bool, quick: bool) -> Path:
     path.write_text(yaml.safe_dump({
         "name": name, "metric": "val/miou", "mode": "max", "seed": 0,
-        "num_samples": 2 if quick else 6, "max_concurrent_trials": 2,
+        "num_samples": 2 if quick else 4, "max_concurrent_trials": 2,
         "space": {"train.lr": {"loguniform": [1.0e-5, 3.0e-2]}, "model.width": {"choice": [4, 8]}},
-        "asha": {"enabled": asha, "grace_period": 4 if quick else 20, "reduction_factor": 2},
+        "asha": {"enabled": asha, "grace_period": 4 if quick else 15, "reduction_factor": 2},
         "resources": {"workers": 1, "cpus_per_worker": 1},
     }, sort_keys=False))
     return path
 
 
 def run_sweep(work: Path, shards: Path, name: str, asha: bool, quick: bool) -> dict:
-    steps, every = (8, 4) if quick else (80, 20)
+    steps, every = (8, 4) if quick else (60, 15)
     search = sweep_file(work / f"{name}.yaml", name, asha, quick)
     sets = [f"shards.dir={shards}", f"train.checkpoint_dir={work / 'ckpt'}", f"train.steps={steps}",
             f"train.eval_every={every}", "train.log_every=10", "train.warmup_steps=5", "train.batch_size=4",
