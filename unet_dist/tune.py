@@ -174,9 +174,9 @@ def _finish_parent(cfg: Config, sweep: Sweep, parent_run_id: str, rows: list[dic
     from unet_dist import viz
 
     client = mlflow.tracking.MlflowClient(cfg.mlflow.tracking_uri)
-    for row in rows:  # an early-stopped trial's run was cut off mid-way: say so instead of RUNNING
-        run = children.get(row["trial_id"])
-        if run is not None and row["status"] == "stopped_early" and run.info.status == "RUNNING":
+    for row in rows:  # an early-stopped trial's run was cut off mid-way (left RUNNING, or FINISHED by
+        run = children.get(row["trial_id"])  # MLflow's exit hook): say so
+        if run is not None and row["status"] == "stopped_early" and run.info.status != "KILLED":
             client.set_tag(run.info.run_id, "tune.stopped_early", "true")
             client.set_terminated(run.info.run_id, "KILLED")
     client.log_text(parent_run_id, results_table(rows), "sweep/results.csv")
