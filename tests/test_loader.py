@@ -79,11 +79,13 @@ def test_tiled_jpeg_decodes_only_the_box_and_matches_the_whole_photo():
 
 
 def test_label_png_is_standard_and_read_only_up_to_the_rows_needed():
-    label = np.random.default_rng(4).integers(0, 256, (37, 53), dtype=np.uint8)
+    label = np.random.default_rng(4).integers(0, 256, (150, 53), dtype=np.uint8)
     data = sh.encode_label_png(label)
     np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(data))), label)  # any PNG reader
-    np.testing.assert_array_equal(sh.decode_label_rows(data, 9), label[:9])
+    for start, stop in ((0, 9), (63, 64), (64, 130), (70, 150), (129, 150)):  # blocks of 64 rows
+        np.testing.assert_array_equal(sh.decode_label_rows(data, start, stop), label[start:stop])
     np.testing.assert_array_equal(decode_label(data, (3, 4, 20, 30)), label[3:20, 4:30])
+    np.testing.assert_array_equal(decode_label(data, (100, 4, 140, 30)), label[100:140, 4:30])
     buf = io.BytesIO()  # an older shard's label: Pillow's filtered PNG still loads
     Image.fromarray(label).save(buf, format="PNG")
     assert sh.decode_label_rows(buf.getvalue()) is None

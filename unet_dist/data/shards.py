@@ -27,6 +27,7 @@ FORMAT = 1
 JPEG_QUALITY = 95
 PNG_LEVEL = 6
 LABEL_LEVEL = 1  # zlib level of label PNGs: inflates ~2x faster than level 6 (benchmarks/bench_loader.py)
+LABEL_BLOCK = 64  # label rows between deflate flush points: a crop inflates only the blocks it needs
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -94,49 +95,72 @@ def unpack_tiles(data: bytes) -> tuple[tuple[int, int], list[tuple[int, int, int
 
 
 def encode_label_png(ids: np.ndarray) -> bytes:
-    """A standard 8-bit greyscale PNG with every row unfiltered (filter type 0): any PNG reader
-    opens it, and :func:`decode_label_rows` reads it with one ``zlib`` inflate, stopping at the last
-    row a crop needs, several times faster than a general PNG decoder (benchmarks/bench_loader.py)."""
+    """A standard 8-bit greyscale PNG with every row unfiltered (filter type 0) and the deflate
+    stream fully flushed every ``LABEL_BLOCK`` rows, the byte offsets of those points kept in a
+    private ancillary chunk (``unIx``, which PNG readers skip). Any PNG reader opens it;
+    :func:`decode_label_rows` inflates only the blocks a crop's rows need, several times faster than
+    a general PNG decoder (benchmarks/bench_loader.py)."""
     h, w = ids.shape
     rows = np.zeros((h, w + 1), np.uint8)
     rows[:, 1:] = ids
+    deflate = zlib.compressobj(LABEL_LEVEL)
+    parts, offsets, size = [], [], 0
+    for y in range(0, h, LABEL_BLOCK):
+        part = deflate.compress(rows[y:y + LABEL_BLOCK].tobytes())
+        part += deflate.flush(zlib.Z_FULL_FLUSH if y + LABEL_BLOCK < h else zlib.Z_FINISH)
+        offsets.append(size + (2 if y == 0 else 0))  # block 0 starts after the 2-byte zlib header
+        parts.append(part)
+        size += len(part)
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     ihdr = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)
-    return (PNG_SIGNATURE + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(rows.tobytes(), LABEL_LEVEL))
+    index = struct.pack(f">I{len(offsets)}I", LABEL_BLOCK, *offsets)
+    return (PNG_SIGNATURE + chunk(b"IHDR", ihdr) + chunk(b"unIx", index) + chunk(b"IDAT", b"".join(parts))
             + chunk(b"IEND", b""))
 
 
-def decode_label_rows(data: bytes, stop: int | None = None) -> np.ndarray | None:
-    """Rows ``[0, stop)`` of an unfiltered 8-bit greyscale PNG (:func:`encode_label_png`), or None
-    when the PNG is of another kind (filtered rows, other bit depth or colour type): the caller then
-    uses a general decoder. Labels of older shards take that path."""
+def decode_label_rows(data: bytes, start: int = 0, stop: int | None = None) -> np.ndarray | None:
+    """Rows ``[start, stop)`` of an unfiltered 8-bit greyscale PNG (:func:`encode_label_png`), or
+    None when the PNG is of another kind (filtered rows, other bit depth or colour type): the caller
+    then uses a general decoder. Labels of older shards take that path."""
     if data[:8] != PNG_SIGNATURE or data[12:16] != b"IHDR":
         return None
     w, h, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", data[16:29])
     if depth != 8 or colour != 0 or interlace != 0:
         return None
     stop = h if stop is None else min(h, stop)
-    inflate, out, pos = zlib.decompressobj(), [], 8
-    need = (w + 1) * stop
-    got = 0
-    while pos + 8 <= len(data) and got < need:
+    idat, index, pos = [], None, 8
+    while pos + 8 <= len(data):
         length, kind = struct.unpack(">I4s", data[pos:pos + 8])
         if kind == b"IDAT":
-            part = inflate.decompress(data[pos + 8:pos + 8 + length], need - got)
-            out.append(part)
-            got += len(part)
+            idat.append(data[pos + 8:pos + 8 + length])
+        elif kind == b"unIx":
+            index = data[pos + 8:pos + 8 + length]
         elif kind == b"IEND":
             break
         pos += 12 + length
-    if got < need:
+    stream = b"".join(idat)
+    first = 0
+    if index is not None and start > 0:  # begin at the flush point at or above `start`
+        block = struct.unpack(">I", index[:4])[0]
+        first = start // block * block
+        at = struct.unpack(">I", index[4 + 4 * (first // block):8 + 4 * (first // block)])[0]
+        inflate, stream = zlib.decompressobj(-15), stream[at:]
+    else:
+        inflate = zlib.decompressobj()
+    need = (w + 1) * (stop - first)
+    try:
+        raw = inflate.decompress(stream, need)
+    except zlib.error:
         return None
-    rows = np.frombuffer(b"".join(out), np.uint8).reshape(stop, w + 1)
+    if len(raw) < need:
+        return None
+    rows = np.frombuffer(raw, np.uint8).reshape(stop - first, w + 1)
     if rows[:, 0].any():  # some row is filtered: not ours to shortcut
         return None
-    return rows[:, 1:]
+    return rows[start - first:, 1:]
 
 
 def encode_png(arr: np.ndarray) -> bytes:
