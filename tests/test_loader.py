@@ -42,11 +42,12 @@ def photo_classes(images):
 
 
 @pytest.mark.parametrize("scale", [(1.0, 1.0), (0.6, 0.9), (1.2, 1.8), (0.5, 2.0), (0.3, 0.4)])
-@pytest.mark.parametrize("tile", [None, (32, 48)])
-def test_scale_crop_flip_keep_photo_and_label_aligned(scale, tile):
+@pytest.mark.parametrize("stored", ["png", "jpeg", "jpeg tiles"])
+def test_scale_crop_flip_keep_photo_and_label_aligned(scale, stored):
     rng = np.random.default_rng(0)
     aug = Augment(crop=(48, 64), scale=scale, flip=True)
-    samples = [sample_of(*blocky_scene(rng), "png" if tile is None else "jpeg", tile) for _ in range(12)]
+    tile = (32, 48) if stored == "jpeg tiles" else None
+    samples = [sample_of(*blocky_scene(rng, 80, 128), stored.split()[0], tile) for _ in range(12)]
     images, target = augmented(samples, aug)
     assert images.shape == (12, 3, 48, 64) and images.dtype == torch.float32
     assert target.shape == (12, 48, 64) and target.dtype == torch.int64

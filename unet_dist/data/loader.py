@@ -45,7 +45,7 @@ def photo_size(members: dict[str, bytes]) -> tuple[int, int]:
         return shards.unpack_tiles(members["image.tiles"])[0]
     data = members.get("image.jpg")
     if data is not None and data[:2] == b"\xff\xd8":
-        w, h, _, _ = simplejpeg.decode_jpeg_header(data)
+        h, w, _, _ = simplejpeg.decode_jpeg_header(data)
         return h, w
     w, h = Image.open(io.BytesIO(data or members["image.png"])).size
     return h, w
