@@ -100,6 +100,13 @@ class MlflowConfig:
 
 
 @dataclass
+class ServeConfig:
+    max_pixels: int = 4_194_304  # largest photo (height x width) the served model accepts; $UNET_SERVE_MAX_PIXELS overrides
+    max_batch: int = 32  # most photos in one request
+    tile: int = 0  # largest window side sent through the network at once (bounds memory); 0 = whole photo
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
@@ -107,6 +114,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
 
 CHOICES: dict[str, tuple[str, ...]] = {

@@ -11,13 +11,12 @@ import json
 import logging
 import os
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from unet_dist.config import Config, flatten, to_dict
+from unet_dist.config import Config, flatten
 
 log = logging.getLogger("unet_dist.tracking")
 LOCAL_STORE = Path("runs") / "mlflow"
@@ -123,32 +122,10 @@ class RunLogger:
         self.mlflow.log_text(text, artifact_file)
 
     def model(self, model, cfg: Config, example_hw: tuple[int, int]) -> str | None:
-        """Log the model (pt2 program for serving, plus our weights + config for any-size inference)."""
-        import torch
-        from mlflow.models import infer_signature
+        """Log and register the serving pyfunc (photos in, masks out); ``example_hw`` sizes its input example."""
+        from unet_dist import serve
 
-        model = model.eval().cpu()
-        example = torch.zeros(2, cfg.model.in_channels, *example_hw)
-        with torch.no_grad():
-            out = model(example)
-        signature = infer_signature(example.numpy(), out.numpy())
-        # Any height/width: the exporter keeps dims marked -1 dynamic where it can.
-        signature.inputs.inputs[0]._shape = (-1, cfg.model.in_channels, -1, -1)
-        signature.outputs.inputs[0]._shape = (-1, cfg.model.num_classes, -1, -1)
-        extra = []
-        with tempfile.TemporaryDirectory() as tmp:
-            (Path(tmp) / "unet_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-            extra.append(str(Path(tmp) / "unet_config.json"))
-            weights = Path(tmp) / "weights.pt"
-            torch.save(model.state_dict(), weights)
-            extra.append(str(weights))
-            info = self.mlflow.pytorch.log_model(
-                model, name="model", input_example=example.numpy(), signature=signature,
-                registered_model_name=cfg.mlflow.registered_model or None, extra_files=extra,
-                pip_requirements=["torch", "numpy"],
-                serialization_format="pt2",  # never a pickled module (mlflow picks pickle on Databricks)
-            )
-        return info.model_uri
+        return serve.log_model(model.eval().cpu(), cfg, example_hw, cfg.mlflow.registered_model or None)
 
     def close(self, status: str = "FINISHED") -> None:
         self.mlflow.end_run(status=status)
