@@ -242,5 +242,6 @@ def log_model(model, cfg, example_hw: tuple[int, int], registered_model_name: st
             name="model", python_model=str(Path(__file__).with_name("serving_model.py")),
             artifacts={k: str(v) for k, v in files.items()}, signature=_signature(),
             input_example=(example, {"color_mask": True, "class_pixels": True}),
-            pip_requirements=requirements(), registered_model_name=registered_model_name or None)
+            pip_requirements=requirements(), registered_model_name=registered_model_name or None,
+        )
     return info.model_uri
