@@ -21,6 +21,7 @@ SCRIPTS = {  # name -> file, in the order of the data flow
     "loader": "bench_loader.py",
     "train": "bench_train.py",
     "launchers": "bench_launchers.py",
+    "serving": "bench_serving.py",
     "gpu": "gpu.py",
 }
 
