@@ -13,10 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from unet_dist.data.loader import MEAN, STD, normalize
-from unet_dist.labels import IGNORE
 from unet_dist.model import margin, mirror_pad, output_size, valid_input_size
 
 
@@ -122,23 +120,3 @@ def segment(model: nn.Module, photos: list[np.ndarray], *, device: str | torch.d
             masks[i] = m
     return masks  # type: ignore[return-value]
 
-
-def pad_for_valid(
-    images: torch.Tensor, labels: torch.Tensor | None, depth: int, ignore: int = IGNORE
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Training in valid mode: make a valid-model output line up with a label crop.
-
-    ``images [N, C, H, W]`` is mirror-padded by the margin (plus a few pixels bottom/right), and
-    ``labels [N, H, W]`` is padded bottom/right with ``ignore`` up to the nearest valid output size, so
-    ``model(images)`` has exactly the labels' size and pixel (i, j) of both is pixel (i, j) of the crop.
-    """
-    h, w = images.shape[-2:]
-    if labels is not None and labels.shape[-2:] != (h, w):
-        raise ValueError(f"image {h}x{w} and label {tuple(labels.shape[-2:])} sizes differ")
-    m = margin(depth)
-    oh = output_size(valid_input_size(h, depth), depth)
-    ow = output_size(valid_input_size(w, depth), depth)
-    images = mirror_pad(images, m, m + oh - h, m, m + ow - w)
-    if labels is not None and (oh, ow) != (h, w):
-        labels = F.pad(labels, (0, ow - w, 0, oh - h), value=ignore)
-    return images, labels
