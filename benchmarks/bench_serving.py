@@ -75,6 +75,7 @@ def p95(xs: list[float]) -> float:
 
 def main() -> None:
     args = C.parser(__doc__.split("\n\n")[0], repeats=30).parse_args()
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     t0 = C.header("Serving: mlflow models serve vs the pyfunc in-process (CPU)", args)
     import mlflow
     import pandas as pd
