@@ -14,6 +14,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -161,7 +162,7 @@ def test_logged_model_holds_no_pickles_and_its_weights_load_tensor_only(served):
     import torch
 
     local = mlflow.artifacts.download_artifacts(served["uri"], tracking_uri=served["tracking_uri"])
-    files = {p.relative_to(local).as_posix() for p in __import__("pathlib").Path(local).rglob("*") if p.is_file()}
+    files = {p.relative_to(local).as_posix() for p in Path(local).rglob("*") if p.is_file()}
     assert {"serving_model.py", "artifacts/weights.pt", "artifacts/unet_config.json",
             "artifacts/preprocessing.json", "artifacts/labels.json", "serving_input_example.json"} <= files
     assert not any(f.endswith((".pkl", ".pickle")) for f in files), files
