@@ -24,6 +24,7 @@ NAMESPACE = "unet-dist"
 UID = 1000
 MLFLOW_URI = f"http://mlflow.{NAMESPACE}.svc.cluster.local:5000"
 LAUNCHERS = ("ray", "trainjob", "pytorchjob", "tune")
+APPS = (*LAUNCHERS, "serve")  # sub-kustomizations applied on their own: the launchers and serving
 OVERLAYS = ("cpu-smoke", "gpu")
 # What `python -m unet_dist.X` may name: the project's entry points.
 ENTRY_POINTS = {"preprocess", "train", "evaluate", "predict", "demo", "synth", "tune"}
@@ -36,9 +37,9 @@ KUBECTL = shutil.which("kubectl")
 
 
 def kustomizations() -> list[str]:
-    dirs = ["base", *(f"base/{x}" for x in LAUNCHERS)]
+    dirs = ["base", *(f"base/{x}" for x in APPS)]
     for overlay in OVERLAYS:
-        dirs += [f"overlays/{overlay}", *(f"overlays/{overlay}/{x}" for x in LAUNCHERS)]
+        dirs += [f"overlays/{overlay}", *(f"overlays/{overlay}/{x}" for x in APPS)]
     return dirs
 
 
@@ -57,8 +58,8 @@ def render(rel: str) -> list[dict]:
 
 
 def deployment(overlay: str) -> list[dict]:
-    """Everything one overlay applies: its infrastructure and all its launchers."""
-    return [obj for rel in (f"overlays/{overlay}", *(f"overlays/{overlay}/{x}" for x in LAUNCHERS)) for obj in render(rel)]
+    """Everything one overlay applies: its infrastructure, all its launchers and serving."""
+    return [obj for rel in (f"overlays/{overlay}", *(f"overlays/{overlay}/{x}" for x in APPS)) for obj in render(rel)]
 
 
 def walk(node, path=()):
@@ -389,9 +390,11 @@ def test_data_shards_and_checkpoints_live_on_the_shared_volume(overlay):
     assert pvc["metadata"]["name"] == "unet-dist-shared"
     assert pvc["spec"]["accessModes"] == (["ReadWriteOnce"] if overlay == "cpu-smoke" else ["ReadWriteMany"])
     # Every container of the project's image (entry points, Ray nodes, MLflow) mounts the claim
-    # at /mnt/shared; only KubeRay's job submitter, which just talks HTTP, does without.
+    # at /mnt/shared; only KubeRay's job submitter and the model server, which just talk HTTP, do without.
     checked = 0
     for obj in objects:
+        if obj["metadata"]["labels"].get("app.kubernetes.io/component") == "serve":
+            continue
         for _, spec in pod_specs(obj):
             claims = {v["name"] for v in spec.get("volumes", [])
                       if v.get("persistentVolumeClaim", {}).get("claimName") == pvc["metadata"]["name"]}
@@ -478,3 +481,30 @@ def test_sweep_rayjob_is_the_training_cluster_with_pods_labelled_tune(overlay):
         return yaml.safe_load(re.sub(r"app\.kubernetes\.io/component: \w+", "", yaml.safe_dump(spec)))
 
     assert without_labels(sweep["spec"]["rayClusterSpec"]) == without_labels(train["spec"]["rayClusterSpec"])
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_model_server_serves_the_registered_model_from_mlflow_with_probes(overlay):
+    from unet_dist.config import load_config
+
+    objects = deployment(overlay)
+    server = next(o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == "unet-serve")
+    template = server["spec"]["template"]
+    assert template["metadata"]["labels"]["app.kubernetes.io/component"] == "serve"
+    assert template["metadata"]["labels"]["app.kubernetes.io/name"] == "unet-dist"
+    (c,) = template["spec"]["containers"]
+    script = " ".join(command_strings(server))
+    assert "mlflow models serve" in script and "--env-manager local" in script and "--host 0.0.0.0" in script
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    config = "smoke.yaml" if overlay == "cpu-smoke" else "cityscapes.yaml"
+    registered = load_config(REPO / "jobs" / "configs" / config).mlflow.registered_model
+    assert env["MODEL_URI"].startswith(f"models:/{registered}/"), (env["MODEL_URI"], registered)
+    assert {e["configMapRef"]["name"] for e in c["envFrom"]} == {"unet-dist-env"}  # MLFLOW_TRACKING_URI
+    assert int(env["UNET_SERVE_MAX_PIXELS"]) > 0
+    assert c["readinessProbe"]["httpGet"]["path"] == "/ping" and c["livenessProbe"]["httpGet"]["path"] == "/health"
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert {m["mountPath"] for m in c["volumeMounts"]} == {"/tmp"}
+    svc = next(o for o in objects if o["kind"] == "Service" and o["metadata"]["name"] == "unet-serve")
+    assert svc["spec"]["selector"].items() <= template["metadata"]["labels"].items()
+    port = next(p for p in c["ports"] if p["name"] == svc["spec"]["ports"][0]["targetPort"])
+    assert f"--port {port['containerPort']}" in script
