@@ -27,7 +27,7 @@ LAUNCHERS = ("ray", "trainjob", "pytorchjob")
 OVERLAYS = ("cpu-smoke", "gpu")
 # What `python -m unet_dist.X` may name: the project's entry points.
 ENTRY_POINTS = {"preprocess", "train", "evaluate", "predict", "demo", "synth"}
-BUILT_IN = {"v1", "apps/v1", "batch/v1"}
+BUILT_IN = {"v1", "apps/v1", "batch/v1", "networking.k8s.io/v1"}
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|CREDENTIAL|(^|_)KEY($|_)", re.IGNORECASE)
 # A resource quantity, as the API server parses it (the OpenAPI schema only says "string").
 QUANTITY = re.compile(r"^(\d+(\.\d+)?|\.\d+)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei|[eE][+-]?\d+)?$")
