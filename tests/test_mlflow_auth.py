@@ -9,18 +9,15 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import secrets
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 
-from conftest import BIN, REPO, clean_env, free_port, run
+from conftest import BIN, REPO, clean_env, run, serve_mlflow
 
 pytestmark = pytest.mark.slow
 JOBS_USER = "unet-jobs"
@@ -47,39 +44,18 @@ def auth_server(tmp_path_factory):
     ini.write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = {db}\n"
                    "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
     admin = ("admin", secrets.token_hex(16))
-    port = free_port()
-    env = clean_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_AUTH_CONFIG_PATH=str(ini),
-                    MLFLOW_AUTH_ADMIN_USERNAME=admin[0], MLFLOW_AUTH_ADMIN_PASSWORD=admin[1],
-                    MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(16), HOME=str(root))
-    log = open(root / "server.log", "w")
-    proc = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--app-name", "basic-auth", "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1", "--backend-store-uri", db, "--serve-artifacts",
-         "--artifacts-destination", str(root / "artifacts")],
-        cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            if request(uri, "/health") == 200:
-                break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            raise RuntimeError(f"mlflow server did not start:\n{(root / 'server.log').read_text()[-3000:]}")
-        time.sleep(0.5)
-    jobs = (JOBS_USER, secrets.token_hex(16))
-    created = request(uri, "/api/2.0/mlflow/users/create", auth=admin, body={"username": jobs[0], "password": jobs[1]})
-    assert created == 200, (root / "server.log").read_text()[-3000:]
+    server = serve_mlflow(root, "--app-name", "basic-auth", MLFLOW_AUTH_CONFIG_PATH=str(ini),
+                          MLFLOW_AUTH_ADMIN_USERNAME=admin[0], MLFLOW_AUTH_ADMIN_PASSWORD=admin[1],
+                          MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(16), HOME=str(root))
+    uri = next(server)
     try:
+        jobs = (JOBS_USER, secrets.token_hex(16))
+        created = request(uri, "/api/2.0/mlflow/users/create", auth=admin,
+                          body={"username": jobs[0], "password": jobs[1]})
+        assert created == 200, (root / "server.log").read_text()[-3000:]
         yield {"uri": uri, "admin": admin, "jobs": jobs, "root": root}
     finally:
-        os.killpg(proc.pid, 15)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
+        server.close()  # runs the generator's stop code
 
 
 def test_anonymous_requests_are_refused_and_health_stays_open(auth_server):
