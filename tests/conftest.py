@@ -62,17 +62,19 @@ def mlflow_server(tmp_path_factory):
     yield from serve_mlflow(tmp_path_factory.mktemp("mlflow"))
 
 
-def serve_mlflow(root: Path, *extra_args: str, **env: str):
+def serve_mlflow(root: Path):
     """Run `mlflow server` on 127.0.0.1 with its stores under ``root``; yield its URI, then stop it."""
     port = free_port()
-    env = clean_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", **env)
+    yield from serve_http(
+        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts")],
+        f"http://127.0.0.1:{port}", root, clean_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"))
+
+
+def serve_http(cmd: list[str], uri: str, root: Path, env: dict[str, str]):
+    """Start a server process (log in ``root``), wait for ``uri``/health, yield ``uri``, then stop it."""
     log = open(root / "server.log", "w")
-    proc = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", *extra_args, "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", str(root / "artifacts")],
-        cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 120
     while True:
         try:

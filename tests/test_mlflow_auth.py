@@ -1,8 +1,8 @@
 """Training against a real `mlflow server --app-name basic-auth` on 127.0.0.1.
 
-The server is set up as in the Kubernetes kit: the auth tables share the tracking store's database,
-the admin comes from MLFLOW_AUTH_ADMIN_*, and the jobs log in as their own user, created by the
-admin through the REST API (docs/security.md). Anonymous requests are refused; a run with the
+The server runs the start script of the kit's MLflow Deployment (k8s/base/mlflow.yaml): the auth
+tables share the tracking store's database, the admin comes from MLFLOW_AUTH_ADMIN_*, and the jobs
+log in as their own user, created by the admin through the REST API (docs/security.md). Anonymous requests are refused; a run with the
 jobs' credentials logs metrics and its model; wrong credentials stop before training with one line.
 """
 from __future__ import annotations
@@ -14,10 +14,12 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
+import yaml
 
-from conftest import BIN, REPO, clean_env, run, serve_mlflow
+from conftest import BIN, REPO, clean_env, free_port, run, serve_http
 
 pytestmark = pytest.mark.slow
 JOBS_USER = "unet-jobs"
@@ -36,18 +38,34 @@ def request(uri: str, path: str, *, auth: tuple[str, str] | None = None, body: d
         return e.code
 
 
+def manifest_script(root: Path, port: int) -> str:
+    """The start script of the kit's MLflow Deployment, pointed at this machine: sqlite in place of
+    the PostgreSQL URL (tracking and auth stores alike), 127.0.0.1:port, and ``root`` in place of
+    the pod's volumes. Everything else (ini file, --app-name, flags) runs as written."""
+    docs = yaml.safe_load_all((REPO / "k8s" / "base" / "mlflow.yaml").read_text())
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    script = " ".join(deployment["spec"]["template"]["spec"]["containers"][0]["args"])
+    swaps = {'"postgresql://${POSTGRES_USER}:${POSTGRES_PASSWORD}@mlflow-postgres:5432/mlflow"': f"sqlite:///{root / 'mlflow.db'}",
+             "--host 0.0.0.0": "--host 127.0.0.1", "--port 5000": f"--port {port}", "/mnt/shared/": f"{root}/shared/",
+             "/tmp/basic_auth.ini": str(root / "basic_auth.ini")}
+    for old, new in swaps.items():
+        assert old in script, f"k8s/base/mlflow.yaml no longer has {old!r}"
+        script = script.replace(old, new)
+    return script
+
+
 @pytest.fixture(scope="module")
 def auth_server(tmp_path_factory):
+    """The kit's MLflow server (its own start script) with the admin from the environment."""
     root = tmp_path_factory.mktemp("mlflow-auth")
-    db = f"sqlite:///{root / 'mlflow.db'}"
-    ini = root / "basic_auth.ini"
-    ini.write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = {db}\n"
-                   "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
     admin = ("admin", secrets.token_hex(16))
-    server = serve_mlflow(root, "--app-name", "basic-auth", MLFLOW_AUTH_CONFIG_PATH=str(ini),
-                          MLFLOW_AUTH_ADMIN_USERNAME=admin[0], MLFLOW_AUTH_ADMIN_PASSWORD=admin[1],
-                          MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(16), HOME=str(root))
-    uri = next(server)
+    port = free_port()
+    env = clean_env(MLFLOW_WORKERS="1", MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", HOME=str(root),
+                    MLFLOW_AUTH_ADMIN_USERNAME=admin[0], MLFLOW_AUTH_ADMIN_PASSWORD=admin[1],
+                    MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(16))
+    uri = f"http://127.0.0.1:{port}"
+    server = serve_http(["bash", "-c", manifest_script(root, port)], uri, root, env)
+    next(server)
     try:
         jobs = (JOBS_USER, secrets.token_hex(16))
         created = request(uri, "/api/2.0/mlflow/users/create", auth=admin,
