@@ -26,7 +26,9 @@ Environment (default):
   FORWARD_ENV          variables copied from this shell into the job (MLFLOW_TRACKING_URI)
   ENTRYPOINT_NUM_CPUS  CPUs reserved for the driver; >0 keeps it off a 0-CPU head (unset)
   ENTRYPOINT_NUM_GPUS  GPUs reserved for the driver (unset)
-  RAY_AUTH_MODE        token | disabled; unset: token if RAY_AUTH_TOKEN or ~/.ray/auth_token exists
+  RAY_AUTH_MODE        token | disabled (token): Ray token authentication, on unless disabled
+  RAY_AUTH_TOKEN       the cluster's token; or a file: RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token.
+                       Never forwarded into the job (docs/security.md)
   PYTHON               interpreter that has ray installed (python, else python3)
   DRY_RUN=1            print the submit command instead of running it
 EOF
@@ -62,14 +64,18 @@ if [[ "$CONFIG" != /* && ! -f "$UNET_REPO_ROOT/$CONFIG" ]]; then
 fi
 SUBMISSION_ID="${SUBMISSION_ID:-unet-$MODULE-$(date -u +%Y%m%d-%H%M%S)}"
 
-# Ray 2.60 clients send a token only when RAY_AUTH_MODE=token: decide explicitly.
-if [[ -z "${RAY_AUTH_MODE:-}" ]]; then
-    if [[ -n "${RAY_AUTH_TOKEN:-}" || -n "${RAY_AUTH_TOKEN_PATH:-}" || -f "${HOME:-/nonexistent}/.ray/auth_token" ]]; then
-        export RAY_AUTH_MODE=token
-    else
-        export RAY_AUTH_MODE=disabled
-    fi
-fi
+# Token authentication is on unless explicitly disabled. Ray 2.60 clients send a token only when
+# RAY_AUTH_MODE=token, so say it explicitly, and refuse early when there is no token to send.
+export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
+case "$RAY_AUTH_MODE" in
+    token)
+        if [[ -z "${RAY_AUTH_TOKEN:-}" && ! -s "${RAY_AUTH_TOKEN_PATH:-${HOME:-/nonexistent}/.ray/auth_token}" \
+              && "${DRY_RUN:-0}" != "1" ]]; then
+            die "RAY_AUTH_TOKEN: no Ray token (set RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token; RAY_AUTH_MODE=disabled only for a cluster without token auth)"
+        fi ;;
+    disabled) ;;
+    *) die "RAY_AUTH_MODE=$RAY_AUTH_MODE: expected token or disabled" ;;
+esac
 
 RUNTIME_ENV_JSON="$(FORWARD_ENV="${FORWARD_ENV:-MLFLOW_TRACKING_URI}" \
     "$PYTHON" "$UNET_REPO_ROOT/jobs/ray/job_tool.py" runtime-env "$RUNTIME_ENV")"
@@ -81,6 +87,10 @@ SUBMIT=(ray job submit --address "$ADDRESS" --submission-id "$SUBMISSION_ID"
 ((WAIT)) || SUBMIT+=(--no-wait)
 SUBMIT+=(-- python -m "unet_dist.$MODULE" --config "$CONFIG" "${SET_ARGS[@]}")
 
+if [[ "${DRY_RUN:-0}" != "1" ]]; then
+    # A refused token or an unreachable head: one line, before anything is uploaded.
+    "$PYTHON" "$UNET_REPO_ROOT/jobs/ray/job_tool.py" check --address "$ADDRESS"
+fi
 run "${SUBMIT[@]}"
 if ((WAIT)) && [[ "${DRY_RUN:-0}" != "1" ]]; then
     # `ray job submit` exits 0 for a STOPPED job or when the log stream drops: ask for the end state.

@@ -59,16 +59,22 @@ def small_shards(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` (sqlite + artifacts on disk) on a free port of 127.0.0.1."""
-    root = tmp_path_factory.mktemp("mlflow")
+    yield from serve_mlflow(tmp_path_factory.mktemp("mlflow"))
+
+
+def serve_mlflow(root: Path):
+    """Run `mlflow server` on 127.0.0.1 with its stores under ``root``; yield its URI, then stop it."""
     port = free_port()
-    env = clean_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    log = open(root / "server.log", "w")
-    proc = subprocess.Popen(
+    yield from serve_http(
         [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", str(root / "artifacts")],
-        cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts")],
+        f"http://127.0.0.1:{port}", root, clean_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"))
+
+
+def serve_http(cmd: list[str], uri: str, root: Path, env: dict[str, str]):
+    """Start a server process (log in ``root``), wait for ``uri``/health, yield ``uri``, then stop it."""
+    log = open(root / "server.log", "w")
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 120
     while True:
         try:
@@ -81,12 +87,14 @@ def mlflow_server(tmp_path_factory):
             proc.kill()
             raise RuntimeError(f"mlflow server did not start:\n{(root / 'server.log').read_text()[-3000:]}")
         time.sleep(0.5)
-    yield uri
-    os.killpg(proc.pid, 15)
     try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
+        yield uri
+    finally:  # also when the caller closes the generator early
+        os.killpg(proc.pid, 15)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
 
 
 @pytest.fixture(scope="session")

@@ -28,7 +28,7 @@ APPS = (*LAUNCHERS, "serve")  # sub-kustomizations applied on their own: the lau
 OVERLAYS = ("cpu-smoke", "gpu")
 # What `python -m unet_dist.X` may name: the project's entry points.
 ENTRY_POINTS = {"preprocess", "train", "evaluate", "predict", "demo", "synth", "tune"}
-BUILT_IN = {"v1", "apps/v1", "batch/v1"}
+BUILT_IN = {"v1", "apps/v1", "batch/v1", "networking.k8s.io/v1"}
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|CREDENTIAL|(^|_)KEY($|_)", re.IGNORECASE)
 # A resource quantity, as the API server parses it (the OpenAPI schema only says "string").
 QUANTITY = re.compile(r"^(\d+(\.\d+)?|\.\d+)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei|[eE][+-]?\d+)?$")
@@ -503,7 +503,7 @@ def test_model_server_serves_the_registered_model_from_mlflow_with_probes(overla
     assert int(env["UNET_SERVE_MAX_PIXELS"]) > 0
     assert c["readinessProbe"]["httpGet"]["path"] == "/ping" and c["livenessProbe"]["httpGet"]["path"] == "/health"
     assert c["securityContext"]["readOnlyRootFilesystem"] is True
-    assert {m["mountPath"] for m in c["volumeMounts"]} == {"/tmp"}
+    assert {m["mountPath"] for m in c["volumeMounts"]} == {"/tmp", "/home/app"}
     svc = next(o for o in objects if o["kind"] == "Service" and o["metadata"]["name"] == "unet-serve")
     assert svc["spec"]["selector"].items() <= template["metadata"]["labels"].items()
     port = next(p for p in c["ports"] if p["name"] == svc["spec"]["ports"][0]["targetPort"])

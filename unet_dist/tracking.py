@@ -20,6 +20,7 @@ import numpy as np
 from unet_dist import labels, viz
 from unet_dist.config import Config, dump_yaml, flatten
 from unet_dist.data import shards
+from unet_dist.errors import UnetDistError
 from unet_dist.evaluation import format_table
 from unet_dist.files import sha256_file
 
@@ -36,6 +37,35 @@ def resolve_tracking_uri(cfg: Config) -> str:
     store = LOCAL_STORE.resolve()
     store.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{store / 'mlflow.db'}"
+
+
+def check_access(uri: str) -> None:
+    """Fail fast, before any training, when an MLflow server refuses our login.
+
+    A server with authentication (``mlflow server --app-name basic-auth``) answers 401/403 on the
+    first call; without this check the job would train for its first steps and only then fail,
+    deep in a worker, with a REST traceback. Local stores (sqlite, files) need no login.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient(uri).search_experiments(max_results=1)
+    except MlflowException as e:
+        status = e.get_http_status_code()
+        user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+        if status == 401 and not user:
+            raise UnetDistError(f"MLFLOW_TRACKING_USERNAME: the MLflow server at {uri} requires a login: "
+                                "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD") from None
+        if status == 401:
+            raise UnetDistError(f"MLFLOW_TRACKING_PASSWORD: the MLflow server at {uri} refused user '{user}' "
+                                "(wrong username or password)") from None
+        if status == 403:
+            raise UnetDistError(f"MLFLOW_TRACKING_USERNAME: user '{user}' may not read experiments on the "
+                                f"MLflow server at {uri}") from None
+        raise
 
 
 def _artifact_location(uri: str) -> str | None:

@@ -1,8 +1,12 @@
-"""Two small helpers for jobs/submit_ray.sh that the `ray job` CLI does not offer.
+"""Small helpers for jobs/submit_ray.sh that the `ray job` CLI does not offer.
 
 ``runtime-env FILE``: print the runtime env of FILE as JSON, with the variables named in
 $FORWARD_ENV copied in from this shell (so a job logs to the MLflow server the submitter chose).
 Names that look like credentials are refused: runtime env values are shown in the Ray dashboard.
+
+``check --address A``: reach the job server once, before uploading anything, and turn a refused
+token or an unreachable server into one line naming the variable to fix (`ray job submit` prints
+a traceback and a paragraph).
 
 ``wait --address A ID``: wait until job ID reaches a terminal state, print it, and exit 0 only
 for SUCCEEDED (`ray job submit` also exits 0 for STOPPED, or when its log stream drops).
@@ -52,6 +56,23 @@ def render_runtime_env(path: Path, environ: dict[str, str], forward: list[str]) 
     return runtime_env
 
 
+def check_job_server(address: str) -> None:
+    """Fail with one line unless the job server at ``address`` answers and accepts our token."""
+    from ray.exceptions import AuthenticationError
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        JobSubmissionClient(address)
+    except AuthenticationError as e:
+        mode = os.environ.get("RAY_AUTH_MODE", "")
+        if "invalid" in str(e).lower():
+            fail(f"RAY_AUTH_TOKEN: the Ray job server at {address} refused the token: it is not this cluster's token")
+        fail(f"RAY_AUTH_TOKEN: the Ray job server at {address} requires a token and none was sent "
+             f"(RAY_AUTH_MODE={mode or 'unset'}): set RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token")
+    except ConnectionError as e:
+        fail(f"RAY_ADDRESS: cannot reach the Ray job server at {address} ({str(e).splitlines()[0]})")
+
+
 def wait_for_job(address: str, submission_id: str, poll_s: float, timeout_s: float) -> str:
     """Poll the job server until the job ends; return its final status name."""
     from ray.job_submission import JobSubmissionClient
@@ -72,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     env = sub.add_parser("runtime-env", help="print the runtime env as JSON")
     env.add_argument("file", type=Path)
+    check = sub.add_parser("check", help="reach the job server; one-line error if it refuses us")
+    check.add_argument("--address", required=True)
     wait = sub.add_parser("wait", help="wait for a job to end; exit 0 only if it SUCCEEDED")
     wait.add_argument("--address", required=True)
     wait.add_argument("--poll", type=float, default=5.0, help="seconds between status checks")
@@ -82,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "runtime-env":
         forward = os.environ.get("FORWARD_ENV", "MLFLOW_TRACKING_URI").split()
         print(json.dumps(render_runtime_env(args.file, dict(os.environ), forward), sort_keys=True))
+        return 0
+    if args.command == "check":
+        check_job_server(args.address)
         return 0
     status = wait_for_job(args.address, args.submission_id, args.poll, args.timeout)
     print(f"Ray job {args.submission_id}: {status}", file=sys.stderr)

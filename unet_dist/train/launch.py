@@ -38,8 +38,12 @@ def absolute_paths(cfg: Config) -> Config:
 
 def preflight(cfg: Config) -> None:
     """Cheap checks before anything starts (a Ray cluster, process groups, an MLflow run): the shards
-    manifest exists and the checkpoint this job would resume was made for this model."""
+    manifest exists, the checkpoint this job would resume was made for this model, and the MLflow
+    server accepts our login."""
+    from unet_dist.tracking import check_access
+
     shards.load_manifest(cfg.shards.dir)
+    check_access(cfg.mlflow.tracking_uri)
     latest = checkpoint.find_latest(run_dir(cfg))
     if latest is not None:
         checkpoint.check_model(latest, to_dict(cfg)["model"])
