@@ -12,19 +12,30 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import yaml
 
 from unet_dist.errors import UnetDistError
 
 
+# Each choice list is defined once, here; readers, the synthetic generator and the model derive
+# theirs with typing.get_args, and the config loader checks values against them.
+Layout = Literal["pairs", "cityscapes"]
+LabelSource = Literal["color", "labelIds"]
+OnBadInput = Literal["fail", "skip"]
+Padding = Literal["same", "valid"]
+Optimizer = Literal["adamw", "sgd"]
+Schedule = Literal["cosine", "poly", "constant"]
+Precision = Literal["auto", "bf16", "fp32"]
+
+
 @dataclass
 class DataConfig:
     root: str = "data/synth"  # raw dataset directory
-    layout: str = "pairs"  # pairs | cityscapes
-    label_source: str = "color"  # color (KMeans on colour masks) | labelIds (cityscapes only)
-    on_bad_input: str = "fail"  # fail: stop with an error | skip: record in the manifest and go on
+    layout: Layout = "pairs"  # pairs | cityscapes
+    label_source: LabelSource = "color"  # color (KMeans on colour masks) | labelIds (cityscapes only)
+    on_bad_input: OnBadInput = "fail"  # fail: stop with an error | skip: record in the manifest and go on
     resize: Optional[list[int]] = field(default_factory=lambda: [128, 128])  # [height, width] stored; null keeps the source size
     max_samples: int = 0  # per split, 0 = all (handy for smoke runs on real data)
 
@@ -50,7 +61,7 @@ class ModelConfig:
     num_classes: int = 19
     width: int = 16  # channels of the first level; the paper uses 64
     depth: int = 5  # levels including the bottleneck; the paper uses 5 (4 pools)
-    padding: str = "same"  # same (output = input size) | valid (the paper: unpadded, cropped skips)
+    padding: Padding = "same"  # same (output = input size) | valid (the paper: unpadded, cropped skips)
     batch_norm: bool = True
 
 
@@ -59,18 +70,18 @@ class TrainConfig:
     steps: int = 1000  # total optimiser steps
     batch_size: int = 4  # per worker, per micro-step
     accumulation: int = 1  # micro-steps per optimiser step
-    optimizer: str = "adamw"  # adamw | sgd
+    optimizer: Optimizer = "adamw"  # adamw | sgd
     lr: float = 3e-3
     weight_decay: float = 1e-4
     momentum: float = 0.9  # sgd only
     warmup_steps: int = 30
-    schedule: str = "cosine"  # cosine | poly | constant
+    schedule: Schedule = "cosine"  # cosine | poly | constant
     grad_clip: float = 1.0  # 0 disables
     class_weights: bool = False  # inverse-frequency weights from the manifest histogram
     crop: list[int] = field(default_factory=lambda: [64, 128])  # [height, width] training crop
     scale: list[float] = field(default_factory=lambda: [0.75, 1.25])  # random scale range
     flip: bool = True
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    precision: Precision = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     channels_last: bool = False
     compile: bool = False
     loader_workers: int = 1
@@ -109,20 +120,13 @@ class Config:
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
 
-CHOICES: dict[str, tuple[str, ...]] = {
-    "data.layout": ("pairs", "cityscapes"),
-    "data.label_source": ("color", "labelIds"),
-    "data.on_bad_input": ("fail", "skip"),
-    "model.padding": ("same", "valid"),
-    "train.optimizer": ("adamw", "sgd"),
-    "train.schedule": ("cosine", "poly", "constant"),
-    "train.precision": ("auto", "bf16", "fp32"),
-}
-
-
 def _check_value(value: Any, tp: Any, key: str, origin: str) -> Any:
     """Return ``value`` converted to type ``tp`` or raise an error naming ``key`` and ``origin``."""
     args = typing.get_args(tp)
+    if typing.get_origin(tp) is Literal:
+        if value not in args:
+            raise UnetDistError(f"{origin}: key '{key}' must be one of {'|'.join(args)}, got {value!r}")
+        return value
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -140,11 +144,7 @@ def _check_value(value: Any, tp: Any, key: str, origin: str) -> Any:
     }[tp]
     if not ok:
         raise UnetDistError(f"{origin}: key '{key}' expects {tp.__name__}, got {value!r}")
-    value = float(value) if tp is float else value
-    choices = CHOICES.get(key)
-    if choices and value not in choices:
-        raise UnetDistError(f"{origin}: key '{key}' must be one of {'|'.join(choices)}, got {value!r}")
-    return value
+    return float(value) if tp is float else value
 
 
 def _apply(obj: Any, data: dict, origin: str, prefix: str = "") -> None:
