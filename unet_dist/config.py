@@ -53,6 +53,7 @@ class ShardsConfig:
     dir: str = "shards/demo"
     samples_per_shard: int = 64
     processes: int = 0  # preprocess worker processes; 0 = one per core
+    prefetch: int = 0  # training: shards read whole this many ahead per loader worker (helps on S3); 0 = stream
 
 
 @dataclass

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import json
 import logging
 import os
 import random
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
 from unet_dist.errors import UnetDistError
+from unet_dist.files import fsync_dir, json_bytes, tmp_path, write_bytes_atomic
 
 log = logging.getLogger("unet_dist.storage")
 SCHEME = "s3://"
@@ -377,27 +377,13 @@ def _all_objects(url: str) -> list[str]:
 
 
 # --------------------------------------------------------------------------------- writing
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def staging_path(url: str | Path) -> Path:
     """Where to build a file before :func:`publish_file`: ``dir/.name.tmp`` beside a local target
     (hidden from ``*`` and ``*.tar`` globs, same filesystem for the rename); a local temp file for
     an S3 target."""
     if not is_remote(url):
-        p = Path(url)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        return p.with_name(f".{p.name}.tmp")
+        Path(url).parent.mkdir(parents=True, exist_ok=True)
+        return tmp_path(url)
     fd, tmp = tempfile.mkstemp(prefix=f".{name(url)}.", suffix=".tmp")
     os.close(fd)
     return Path(tmp)
@@ -413,7 +399,7 @@ def publish_file(tmp: Path, url: str | Path) -> None:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, url)
-        _fsync_dir(Path(url).parent)
+        fsync_dir(Path(url).parent)
         return
     c, bucket, key = _s3(str(url))
 
@@ -430,13 +416,8 @@ def publish_file(tmp: Path, url: str | Path) -> None:
 def write_bytes(url: str | Path, data: bytes) -> None:
     """Atomic write of a small file or object."""
     if not is_remote(url):
-        tmp = staging_path(url)
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, url)
-        _fsync_dir(Path(url).parent)
+        Path(url).parent.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(url, data)
         return
     c, bucket, key = _s3(str(url))
     _call("put", str(url), lambda: c.put_object(Bucket=bucket, Key=key, Body=data))
@@ -444,7 +425,7 @@ def write_bytes(url: str | Path, data: bytes) -> None:
 
 def write_json(url: str | Path, obj, indent: int | None = 1) -> bytes:
     """JSON with sorted keys and a trailing newline, written atomically; returns the bytes."""
-    data = (json.dumps(obj, indent=indent, sort_keys=True) + "\n").encode()
+    data = json_bytes(obj, indent)
     write_bytes(url, data)
     return data
 
