@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPTS = ["bench_synth.py", "bench_preprocess.py", "bench_loader.py", "bench_train.py", "bench_launchers.py", "gpu.py"]
+SCRIPTS = ["bench_synth.py", "bench_preprocess.py", "bench_loader.py", "bench_storage.py", "bench_train.py", "bench_launchers.py", "gpu.py"]
 
 
 @pytest.fixture(scope="module")
