@@ -111,6 +111,7 @@ def test_rerun_keeps_verified_shards_and_rebuilds_missing_or_corrupt_ones(pairs,
     assert _digests(out) == before and (out / "manifest.json").read_bytes() == manifest
 
 
+@pytest.mark.slow  # kills a preprocess run and its worker processes mid-run
 def test_resume_after_killed_run_gives_the_bytes_of_an_uninterrupted_run(pairs, tmp_path):
     out = tmp_path / "shards"
     sets = [f"data.root={pairs}", f"shards.dir={out}", "quantize.sample_pixels=20000",

@@ -124,6 +124,7 @@ def test_rerun_resumes_and_shrinks_but_refuses_other_settings(tmp_path):
         write_dataset(tmp_path / "new", "pairs", 1, 0, size=(64, 64))
 
 
+@pytest.mark.slow  # kills a generator process mid-run
 def test_killed_run_leaves_only_whole_files_and_resumes(tmp_path):
     args = ["--layout", "cityscapes", "--out", "cs", "--train", "400", "--val", "0", "--size", "32x64",
             "--processes", "1"]
