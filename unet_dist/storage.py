@@ -33,6 +33,8 @@ from unet_dist.errors import UnetDistError
 from unet_dist.files import fsync_dir, json_bytes, tmp_path, write_bytes_atomic
 
 log = logging.getLogger("unet_dist.storage")
+# botocore logs at INFO where it found the credentials and the endpoint: noise on our CLIs' stderr.
+logging.getLogger("botocore").setLevel(logging.WARNING)
 SCHEME = "s3://"
 T = TypeVar("T")
 _RETRIES = 0
