@@ -282,13 +282,13 @@ def ray_s3_job(ray_head, data, s3_server, tmp_path_factory):
         run_id = re.search(r"MLflow run\s+([0-9a-f]{32})", text).group(1)
         info = client.get_run(run_id).info
         listed = [a.path for a in client.list_artifacts(run_id, "data")]
-        return {"status": waited.stdout, "text": text, "killed": killed, "steps": steps, "bucket": bucket,
+        return {"status": f"rc={waited.returncode} {waited.stderr.strip()}", "text": text, "killed": killed, "steps": steps, "bucket": bucket,
                 "artifact_uri": info.artifact_uri, "listed": listed, "run_id": run_id}
 
 
 def test_ray_job_trains_from_s3_and_resumes_from_s3_after_a_worker_is_killed(ray_s3_job, s3_server):
     r = ray_s3_job
-    assert "SUCCEEDED" in r["status"], r["text"][-4000:]
+    assert r["status"].startswith("rc=0 ") and r["status"].endswith("SUCCEEDED"), r["text"][-4000:]
     resumed = [int(s) for s in re.findall(r"resumed from \S+ at step (\d+)", r["text"])]
     assert resumed and resumed[-1] >= r["killed"][1], r["text"][-4000:]
     assert ckpt_steps(s3_server, r["bucket"], "ckpt/ray/")[-1] == r["steps"]
