@@ -67,7 +67,7 @@ def test_cityscapes_config_is_the_8_gpu_recipe():
     assert cfg.train.crop == [512, 1024]
     assert (cfg.model.width, cfg.model.depth, cfg.model.padding, cfg.model.batch_norm) == (64, 5, "same", True)
     assert (cfg.train.precision, cfg.train.channels_last) == ("bf16", True)
-    assert (cfg.train.workers, cfg.train.use_gpu, cfg.train.loader_workers) == (8, True, 6)
+    assert (cfg.train.workers, cfg.train.use_gpu, cfg.train.loader_workers) == (8, True, 3)
     assert cfg.train.cpus_per_worker > cfg.train.loader_workers
     for path in (cfg.data.root, cfg.shards.dir, cfg.train.checkpoint_dir):
         assert path.startswith("/mnt/shared/")

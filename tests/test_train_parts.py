@@ -12,7 +12,7 @@ import torch
 from unet_dist import labels, preprocess
 from unet_dist.config import load_config
 from unet_dist.data import shards
-from unet_dist.data.loader import Augment, train_loader
+from unet_dist.data.loader import Augment, to_device, train_loader
 from unet_dist.synth import write_dataset
 from unet_dist.train import checkpoint
 from unet_dist.train.loop import Context, class_weights, lr_lambda, make_optimizer, train
@@ -79,9 +79,10 @@ def tiny_shards(tmp_path_factory) -> Path:
 
 def test_train_loader_streams_endless_normalised_batches_with_train_ids(tiny_shards):
     urls = shards.shard_paths(tiny_shards, shards.load_manifest(tiny_shards), "train")
-    loader = iter(train_loader(urls, Augment(crop=(16, 24), scale=(1.0, 1.0), flip=True), 3, rank=0, seed=1,
-                               shuffle_buffer=4, workers=0, pin_memory=False))
-    batches = [next(loader) for _ in range(5)]  # 15 samples from 8: the stream resamples shards
+    aug = Augment(crop=(16, 24), scale=(1.0, 1.0), flip=True)
+    loader = iter(train_loader(urls, aug, 3, rank=0, seed=1, shuffle_buffer=4, workers=0, pin_memory=False))
+    # 15 samples from 8: the stream resamples shards; the loader ships uint8, to_device augments
+    batches = [to_device(next(loader), aug, torch.device("cpu")) for _ in range(5)]
     for images, target in batches:
         assert images.shape == (3, 3, 16, 24) and images.dtype == torch.float32
         assert target.shape == (3, 16, 24) and target.dtype == torch.int64
@@ -131,3 +132,45 @@ def test_a_second_call_resumes_from_the_checkpoint_and_continues_the_step_count(
     assert summary["steps"] == 4 and [r["step"] for r in reports] == [4]
     assert torch.load(tmp_path / "checkpoint_step-00000004" / checkpoint.STATE_FILE,
                       weights_only=True)["scheduler"]["last_epoch"] == 4
+
+
+def logged_losses(text: str) -> dict[int, float]:
+    import re
+
+    return {int(s): float(v) for s, v in re.findall(r"step (\d+)/\d+ loss (\S+)", text)}
+
+
+def test_logged_loss_is_the_window_mean_of_the_per_step_losses(tiny_shards, tmp_path, caplog):
+    """The loss is summed on the device and read at log steps only: reading it less often changes
+    no value (same seed, same batches)."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="unet_dist.train")
+    train(tiny_run(tiny_shards, 8, "train.checkpoint_every=100"), local_context(tmp_path / "a", []))
+    every = logged_losses(caplog.text)
+    caplog.clear()
+    train(tiny_run(tiny_shards, 8, "train.checkpoint_every=100", "train.log_every=4"),
+          local_context(tmp_path / "b", []))
+    windows = logged_losses(caplog.text)
+    assert sorted(every) == list(range(1, 9)) and sorted(windows) == [4, 8]
+    for end in (4, 8):
+        assert windows[end] == pytest.approx(sum(every[s] for s in range(end - 3, end + 1)) / 4, abs=2e-4)
+
+
+def test_non_finite_loss_between_log_steps_stops_before_any_later_checkpoint(tiny_shards, tmp_path, caplog):
+    """Diverging on purpose (AdamW weight decay x -9 per step, no BatchNorm), logging every 5 steps and
+    checkpointing every 2: found at a check step, reported as the first bad step, nothing saved after."""
+    import logging
+    import re
+
+    caplog.set_level(logging.INFO, logger="unet_dist.train")
+    reports: list = []
+    summary = train(tiny_run(tiny_shards, 30, "train.log_every=5", "train.lr=0.001", "train.warmup_steps=0",
+                             "train.schedule=constant", "train.grad_clip=0", "train.weight_decay=10000",
+                             "model.batch_norm=false"), local_context(tmp_path, reports))
+    bad = int(re.search(r"non-finite loss at step (\d+): stopping", caplog.text).group(1))
+    saved = [r["step"] for r in reports if r.get("status") == "running"]
+    assert summary["status"] == "non_finite_loss" and summary["steps"] == bad - 1
+    assert saved and max(saved) < bad
+    latest = checkpoint.load_state(checkpoint.find_latest(tmp_path))
+    assert all(torch.isfinite(t).all() for t in latest["model"].values())

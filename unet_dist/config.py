@@ -28,6 +28,7 @@ Padding = Literal["same", "valid"]
 Optimizer = Literal["adamw", "sgd"]
 Schedule = Literal["cosine", "poly", "constant"]
 Precision = Literal["auto", "bf16", "fp32"]
+PhotoEncoding = Literal["source", "jpeg", "png"]
 
 
 @dataclass
@@ -53,6 +54,9 @@ class ShardsConfig:
     dir: str = "shards/demo"  # where preprocess writes shards, manifest.json and quantizer.json; a path or s3://bucket/prefix
     samples_per_shard: int = 64  # samples per tar file
     processes: int = 0  # preprocess worker processes; 0 = one per core
+    photo_encoding: PhotoEncoding = "source"  # source: source bytes (JPEG q95 when resized) | jpeg: at jpeg_quality, pixel error in the manifest | png; labels always lossless (docs/input_pipeline.md)
+    jpeg_quality: int = 95  # photo_encoding jpeg only
+    photo_tile: Optional[list[int]] = None  # photo_encoding jpeg only: [height, width] JPEG tiles, so the loader decodes only the tiles under its crop; null = one JPEG
     prefetch: int = 0  # training: shards read whole this many ahead per loader worker (helps on S3); 0 = stream
 
 

@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from unet_dist import labels
 from unet_dist.config import Config
 from unet_dist.data import shards
-from unet_dist.data.loader import Augment, train_loader
+from unet_dist.data.loader import Augment, to_device, train_loader
 from unet_dist.errors import UnetDistError
 from unet_dist.evaluation import evaluate_model
 from unet_dist.model import UNet, margin, output_size
@@ -156,13 +156,17 @@ def _finite_state(model: torch.nn.Module) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in model.state_dict().values() if t.is_floating_point())
 
 
+NO_STEP = 2**62  # "no non-finite loss yet" in the device-side first-bad-step tracker
+
+
 @dataclass
 class _Window:
-    """Loss and throughput since the last train log line."""
+    """Loss and throughput since the last train log line. The loss sum stays on the device (a
+    0-dim tensor once the first step adds to it): it is read only when the line is logged."""
 
     started: float = field(default_factory=time.perf_counter)
     images: int = 0
-    loss_sum: float = 0.0
+    loss_sum: torch.Tensor | float = 0.0
     loss_n: int = 0
 
 
@@ -194,6 +198,9 @@ class Run:
     status: str = "finished"
     last_scores: dict = field(default_factory=dict)
     window: _Window = field(default_factory=_Window)
+    # the first step whose loss was not finite (NO_STEP: none yet), on the device; read at check steps
+    first_bad: torch.Tensor | None = None
+    aug: Augment | None = None
     wall_s: float = 0.0
 
 
@@ -254,8 +261,8 @@ def prepare(run: Run) -> None:
     run.loss_fn = torch.nn.CrossEntropyLoss(weight=weight, ignore_index=labels.IGNORE)
     run.dtype = amp_dtype(cfg, device)
     run.crop = label_crop(cfg)
-    aug = Augment(crop=run.crop, scale=tuple(t.scale), flip=t.flip,
-                  margin=margin(cfg.model.depth) if cfg.model.padding == "valid" else 0)
+    aug = run.aug = Augment(crop=run.crop, scale=tuple(t.scale), flip=t.flip,
+                            margin=margin(cfg.model.depth) if cfg.model.padding == "valid" else 0)
     run.val_urls = shards.shard_paths(cfg.shards.dir, run.manifest, "val")
     run.batches = iter(train_loader(
         shards.shard_paths(cfg.shards.dir, run.manifest, "train"), aug, t.batch_size, rank=ctx.rank,
@@ -280,12 +287,15 @@ def run_steps(run: Run) -> None:
     run.window, run.step = _Window(), run.start_step
     if run.start_step >= t.steps and ctx.rank == 0:
         log.info("run already complete at step %d: nothing to train", run.start_step)
+    run.first_bad = torch.full((), NO_STEP, dtype=torch.int64, device=run.device)
     for step in range(run.start_step + 1, t.steps + 1):
         run.step = step
-        if not _optimizer_step(run):
-            run.status = "non_finite_loss"
+        bad = _optimizer_step(run)
+        if bad is not None:
+            run.status, run.step = "non_finite_loss", bad
             if ctx.rank == 0:
-                log.error("non-finite loss at step %d: stopping; the last good checkpoint is kept", step)
+                log.error("non-finite loss at step %d: stopping; the last good checkpoint is kept%s",
+                          bad, f" (found at step {step})" if bad != step else "")
             break
         _log_train(run, step)
         if not _evaluate_and_checkpoint(run, step):
@@ -293,35 +303,53 @@ def run_steps(run: Run) -> None:
     run.wall_s = time.perf_counter() - t0
 
 
-def _optimizer_step(run: Run) -> bool:
-    """One optimiser step over ``train.accumulation`` micro-batches; False (on every rank) when the
-    loss is not finite on any rank, and then the weights are left as they were."""
+def _check_step(cfg: Config, step: int) -> bool:
+    """Steps at which the loop reads the device (log, eval, checkpoint, last); none between them."""
+    t = cfg.train
+    return (step % t.log_every == 0 or step % t.checkpoint_every == 0 or step == t.steps
+            or bool(t.eval_every and step % t.eval_every == 0))
+
+
+def _first_bad_step(run: Run) -> int | None:
+    """The first step with a non-finite loss on any rank so far, or None: one host read (and one
+    all-reduce), made at check steps only."""
+    first_bad = run.first_bad
+    if run.ctx.world_size > 1:
+        first_bad = first_bad.clone()
+        dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
+    bad = int(first_bad.item())
+    return None if bad == NO_STEP else bad
+
+
+def _optimizer_step(run: Run) -> int | None:
+    """One optimiser step over ``train.accumulation`` micro-batches, with no host synchronisation.
+    The loss is summed and a non-finite one recorded on the device; at check steps the record is
+    read before the update: the first non-finite step (the same on every rank) is returned, and
+    this step's update is not made, so no later checkpoint is ever written."""
     t, ctx, device, w = run.cfg.train, run.ctx, run.device, run.window
     for micro in range(t.accumulation):
-        images, target = next(run.batches)
-        images = images.to(device, non_blocking=True)
-        target = target.to(device, non_blocking=True)
-        if t.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        images, target = to_device(next(run.batches), run.aug, device, t.channels_last)
         sync = contextlib.nullcontext() if micro == t.accumulation - 1 or ctx.world_size == 1 else run.net.no_sync()
         with sync, torch.autocast(device.type, dtype=run.dtype or torch.float32, enabled=run.dtype is not None):
             logits = run.step_fn(images)
             loss = run.loss_fn(logits.float(), target) / t.accumulation
         loss.backward()
-        w.loss_sum += loss.item()
+        step_loss = loss.detach() if micro == 0 else step_loss + loss.detach()
+    w.loss_sum = w.loss_sum + step_loss
     w.loss_n += 1
-    finite = torch.tensor([float(math.isfinite(w.loss_sum))], device=device)
-    if ctx.world_size > 1:
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    if finite.item() < 1:
-        return False
+    # clamp takes the step as a kernel argument: no host-to-device copy
+    run.first_bad = torch.where(torch.isfinite(step_loss), run.first_bad, run.first_bad.clamp(max=run.step))
+    if _check_step(run.cfg, run.step):
+        bad = _first_bad_step(run)
+        if bad is not None:
+            return bad
     if t.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(run.model.parameters(), t.grad_clip)
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     w.images += run.global_batch
-    return True
+    return None
 
 
 def _log_train(run: Run, step: int) -> None:
@@ -331,7 +359,7 @@ def _log_train(run: Run, step: int) -> None:
         return
     lr = run.scheduler.get_last_lr()[0]
     rate = w.images / max(time.perf_counter() - w.started, 1e-9)
-    mean_loss = w.loss_sum / max(w.loss_n, 1)
+    mean_loss = float(w.loss_sum) / max(w.loss_n, 1)  # the window's one host read of the loss
     run.tracker.metrics({"train/loss": mean_loss, "train/lr": lr, "train/images_per_s": rate}, step)
     if run.ctx.rank == 0:
         log.info("step %d/%d loss %.4f lr %.2e %.1f img/s", step, t.steps, mean_loss, lr, rate)
