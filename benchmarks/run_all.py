@@ -21,6 +21,7 @@ SCRIPTS = {  # name -> file, in the order of the data flow
     "preprocess": "bench_preprocess.py",
     "loader": "bench_loader.py",
     "sizing": "loader_sizing.py",
+    "storage": "bench_storage.py",
     "train": "bench_train.py",
     "launchers": "bench_launchers.py",
     "serving": "bench_serving.py",

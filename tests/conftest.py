@@ -1,11 +1,13 @@
 """Shared fixtures: real processes only (a Ray head, an MLflow server, torchrun) on 127.0.0.1."""
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -22,8 +24,8 @@ def free_port() -> int:
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-    """The environment for child jobs: this venv first on PATH, no inherited MLflow/Ray targets."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS"))}
+    """The environment for child jobs: this venv first on PATH, no inherited MLflow/Ray/AWS targets."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS", "AWS_"))}
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env["RAY_AUTH_MODE"] = "disabled"
     env["PYTHONUNBUFFERED"] = "1"
@@ -59,52 +61,113 @@ def small_shards(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` (sqlite + artifacts on disk) on a free port of 127.0.0.1."""
-    yield from serve_mlflow(tmp_path_factory.mktemp("mlflow"))
+    root = tmp_path_factory.mktemp("mlflow")
+    with mlflow_server_process(root, str(root / "artifacts"), clean_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")) as uri:
+        yield uri
 
 
-def serve_mlflow(root: Path):
-    """Run `mlflow server` on 127.0.0.1 with its stores under ``root``; yield its URI, then stop it."""
+def mlflow_server_process(root: Path, artifacts: str, env: dict):
+    """`mlflow server` (sqlite in ``root``) proxying artifacts to ``artifacts`` (a folder or s3://)."""
     port = free_port()
-    yield from serve_http(
-        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts")],
-        f"http://127.0.0.1:{port}", root, clean_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"))
+    cmd = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+           "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", artifacts]
+    return served(cmd, root, f"http://127.0.0.1:{port}", "/health", env, timeout=120)
 
 
-def serve_http(cmd: list[str], uri: str, root: Path, env: dict[str, str]):
-    """Start a server process (log in ``root``), wait for ``uri``/health, yield ``uri``, then stop it."""
+@contextlib.contextmanager
+def served(cmd: list[str], root: Path, url: str, probe: str, env: dict, timeout: float):
+    """Run a server in its own session until it answers HTTP at ``url + probe``; yields ``url`` and
+    stops the whole process group afterwards."""
     log = open(root / "server.log", "w")
     proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.time() + 120
+    deadline = time.time() + timeout
     while True:
         try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
-                if r.status == 200:
-                    break
+            with urllib.request.urlopen(url + probe, timeout=2):
+                break
+        except urllib.error.HTTPError:
+            break  # it answers
         except OSError:
             pass
         if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            raise RuntimeError(f"mlflow server did not start:\n{(root / 'server.log').read_text()[-3000:]}")
-        time.sleep(0.5)
+            os.killpg(proc.pid, 9)
+            raise RuntimeError(f"{cmd[0]} did not start:\n{(root / 'server.log').read_text()[-3000:]}")
+        time.sleep(0.3)
     try:
-        yield uri
-    finally:  # also when the caller closes the generator early
+        yield url
+    finally:
         os.killpg(proc.pid, 15)
         try:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, 9)
+        log.close()
 
 
 @pytest.fixture(scope="session")
-def ray_head(tmp_path_factory):
-    """A real local Ray head (`ray start --head` on 127.0.0.1, auth disabled explicitly)."""
+def ray_head(tmp_path_factory, s3_server):
+    """A real local Ray head (`ray start --head` on 127.0.0.1, auth disabled explicitly). Its nodes
+    hold the S3 server's AWS variables, as cluster nodes hold theirs (a pod's Secret, a role)."""
     tmp = tmp_path_factory.mktemp("ray")
     port, dash = free_port(), free_port()
-    env = clean_env()
+    env = clean_env(**s3_server.env)
     run([str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
          "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "2",
          "--disable-usage-stats"], cwd=tmp, env=env, timeout=180)
     yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}"}
     run([str(BIN / "ray"), "stop", "--force"], cwd=tmp, env=env, timeout=120, check=False)
+
+
+class S3Server:
+    """A real S3 HTTP server process (moto standalone) on 127.0.0.1 and the AWS variables to reach it."""
+
+    def __init__(self, endpoint: str):
+        self.endpoint = endpoint
+        self.env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing-key",
+                    "AWS_SECRET_ACCESS_KEY": "testing-secret", "AWS_REGION": "us-east-1",
+                    "AWS_MAX_ATTEMPTS": "3", "AWS_EC2_METADATA_DISABLED": "true",
+                    "AWS_CONFIG_FILE": "/nonexistent/aws-config", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/aws-creds"}
+        self._n = 0
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=self.env["AWS_ACCESS_KEY_ID"],
+                            aws_secret_access_key=self.env["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")
+
+    def bucket(self, stem: str = "bucket") -> str:
+        """A new, empty bucket: tests never share objects."""
+        self._n += 1
+        name = f"{stem}-{self._n}-{os.getpid()}"
+        self.client().create_bucket(Bucket=name)
+        return name
+
+    def objects(self, bucket: str, prefix: str = "") -> dict[str, bytes]:
+        c = self.client()
+        keys = [o["Key"] for page in c.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+                for o in page.get("Contents", [])]
+        return {k: c.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys}
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """`moto_server` on a free port of 127.0.0.1: the S3 HTTP API that boto3 and pyarrow speak to AWS."""
+    root = tmp_path_factory.mktemp("s3")
+    port = free_port()
+    cmd = [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)]
+    with served(cmd, root, f"http://127.0.0.1:{port}", "/moto-api/", clean_env(), timeout=60) as endpoint:
+        yield S3Server(endpoint)
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """This process pointed at the S3 server (for in-process calls of unet_dist.storage)."""
+    from unet_dist import storage
+
+    for k in [k for k in os.environ if k.startswith("AWS_")]:
+        monkeypatch.delenv(k)
+    for k, v in s3_server.env.items():
+        monkeypatch.setenv(k, v)
+    storage.reset()
+    yield s3_server
+    storage.reset()

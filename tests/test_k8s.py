@@ -25,7 +25,8 @@ UID = 1000
 MLFLOW_URI = f"http://mlflow.{NAMESPACE}.svc.cluster.local:5000"
 LAUNCHERS = ("ray", "trainjob", "pytorchjob", "tune")
 APPS = (*LAUNCHERS, "serve")  # sub-kustomizations applied on their own: the launchers and serving
-OVERLAYS = ("cpu-smoke", "gpu")
+OVERLAYS = ("cpu-smoke", "gpu", "s3")
+SHARED_VOLUME = ("cpu-smoke", "gpu")  # s3: shards, checkpoints and artifacts in a bucket
 # What `python -m unet_dist.X` may name: the project's entry points.
 ENTRY_POINTS = {"preprocess", "train", "evaluate", "predict", "demo", "synth", "tune"}
 BUILT_IN = {"v1", "apps/v1", "batch/v1", "networking.k8s.io/v1"}
@@ -36,10 +37,15 @@ QUANTITY = re.compile(r"^(\d+(\.\d+)?|\.\d+)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei|[eE
 KUBECTL = shutil.which("kubectl")
 
 
+def apps(overlay: str) -> tuple[str, ...]:
+    """The sub-kustomizations an overlay has: the s3 variant packages no sweep (docs/sweeps.md)."""
+    return tuple(x for x in APPS if not (overlay == "s3" and x == "tune"))
+
+
 def kustomizations() -> list[str]:
     dirs = ["base", *(f"base/{x}" for x in APPS)]
     for overlay in OVERLAYS:
-        dirs += [f"overlays/{overlay}", *(f"overlays/{overlay}/{x}" for x in APPS)]
+        dirs += [f"overlays/{overlay}", *(f"overlays/{overlay}/{x}" for x in apps(overlay))]
     return dirs
 
 
@@ -59,7 +65,7 @@ def render(rel: str) -> list[dict]:
 
 def deployment(overlay: str) -> list[dict]:
     """Everything one overlay applies: its infrastructure, all its launchers and serving."""
-    return [obj for rel in (f"overlays/{overlay}", *(f"overlays/{overlay}/{x}" for x in APPS)) for obj in render(rel)]
+    return [obj for rel in (f"overlays/{overlay}", *(f"overlays/{overlay}/{x}" for x in apps(overlay))) for obj in render(rel)]
 
 
 def walk(node, path=()):
@@ -281,7 +287,7 @@ def test_commands_name_real_entry_points_and_config_files(overlay):
             for search in re.findall(r"--search[= ](\S+)", command):
                 assert search.startswith("/app/jobs/sweeps/"), f"{where(obj)}: --search {search} is not in the image's jobs/sweeps"
                 assert (REPO / "jobs" / "sweeps" / Path(search).name).is_file(), f"{where(obj)}: {search} does not exist"
-    assert {"preprocess", "train", "tune"} <= seen_modules
+    assert {"preprocess", "train", *(("tune",) if "tune" in apps(overlay) else ())} <= seen_modules
     assert seen_configs == ({"smoke.yaml"} if overlay == "cpu-smoke" else {"cityscapes.yaml"})
 
 
@@ -370,7 +376,10 @@ def test_mlflow_server_uses_postgres_the_shared_volume_and_its_service_names(ove
     script = " ".join(command_strings(server))
     assert "mlflow server" in script and "--serve-artifacts" in script and "--workers" in script
     assert re.search(r"--backend-store-uri \"?postgresql://\$\{POSTGRES_USER\}:\$\{POSTGRES_PASSWORD\}@mlflow-postgres:5432/", script)
-    assert "--artifacts-destination /mnt/shared/" in script
+    env = {e["name"]: e for e in server["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert '--artifacts-destination "${MLFLOW_ARTIFACTS_DESTINATION}"' in script
+    where_to = env["MLFLOW_ARTIFACTS_DESTINATION"]["value"]
+    assert where_to.startswith("s3://" if overlay == "s3" else "/mnt/shared/"), where_to
     allowed = set(re.search(r'--allowed-hosts "([^"]+)"', script).group(1).split(","))
     for host in ("mlflow", f"mlflow.{NAMESPACE}", f"mlflow.{NAMESPACE}.svc", f"mlflow.{NAMESPACE}.svc.cluster.local"):
         assert {host, f"{host}:5000"} <= allowed, host
@@ -383,7 +392,7 @@ def test_mlflow_server_uses_postgres_the_shared_volume_and_its_service_names(ove
     assert headless["spec"]["clusterIP"] == "None"
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", SHARED_VOLUME)
 def test_data_shards_and_checkpoints_live_on_the_shared_volume(overlay):
     objects = deployment(overlay)
     pvc = next(o for o in objects if o["kind"] == "PersistentVolumeClaim")
@@ -412,6 +421,33 @@ def test_data_shards_and_checkpoints_live_on_the_shared_volume(overlay):
         cfg = load_config(REPO / "jobs" / "configs" / name)
         for path in (cfg.data.root, cfg.shards.dir, cfg.train.checkpoint_dir):
             assert path.startswith("/mnt/shared/"), f"jobs/configs/{name}: {path} is not on the shared volume"
+
+
+def test_s3_overlay_keeps_shards_checkpoints_and_artifacts_in_the_bucket_and_mounts_no_shared_volume():
+    objects = deployment("s3")
+    pvc = next(o for o in objects if o["kind"] == "PersistentVolumeClaim")
+    assert pvc["spec"]["accessModes"] == ["ReadWriteOnce"]  # raw data for the one preprocess pod
+    env_cm = next(o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "unet-dist-env")
+    assert env_cm["data"]["AWS_ENDPOINT_URL"].startswith("http") and env_cm["data"]["AWS_REGION"]
+    assert "unet-dist-s3" in external_secrets()
+    trainers = 0
+    for obj in objects:
+        commands = " ".join(command_strings(obj))
+        for _, spec in pod_specs(obj):
+            for c in containers(spec):
+                if "unet-dist" not in c["image"] or c["name"] in ("ray-job-submitter", "serve"):
+                    continue  # the model server reads the model through MLflow, which proxies the bucket
+                secrets = {e["secretRef"]["name"] for e in c.get("envFrom", []) if "secretRef" in e}
+                assert "unet-dist-s3" in secrets, f"{where(obj)}: {c['name']} lacks the S3 credentials"
+                claims = {v["name"] for v in spec.get("volumes", []) if "persistentVolumeClaim" in v}
+                if obj["kind"] in ("RayJob", "TrainingRuntime", "PyTorchJob", "Deployment"):
+                    assert not claims, f"{where(obj)}: {c['name']} mounts a volume claim"
+                    trainers += obj["kind"] != "Deployment"
+        if "unet_dist.train" in commands or "unet_dist.preprocess" in commands:
+            assert "shards.dir=s3://" in commands, where(obj)
+        if "unet_dist.train" in commands:
+            assert "train.checkpoint_dir=s3://" in commands, where(obj)
+    assert trainers >= 5  # Ray head + workers, the TrainingRuntime's node, PyTorchJob master + worker
 
 
 def test_gpu_overlay_requests_gpus_and_cpu_smoke_requests_none():
@@ -467,7 +503,7 @@ def test_preprocess_job_waits_for_real_data_but_not_for_synthetic(overlay):
         assert not init
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", SHARED_VOLUME)
 def test_sweep_rayjob_is_the_training_cluster_with_pods_labelled_tune(overlay):
     (train,) = [o for o in render(f"overlays/{overlay}/ray") if o["kind"] == "RayJob"]
     (sweep,) = [o for o in render(f"overlays/{overlay}/tune") if o["kind"] == "RayJob"]

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import BIN, REPO, clean_env, free_port, run, serve_http
+from conftest import BIN, REPO, clean_env, free_port, run, served
 
 pytestmark = pytest.mark.slow
 JOBS_USER = "unet-jobs"
@@ -64,16 +64,12 @@ def auth_server(tmp_path_factory):
                     MLFLOW_AUTH_ADMIN_USERNAME=admin[0], MLFLOW_AUTH_ADMIN_PASSWORD=admin[1],
                     MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(16))
     uri = f"http://127.0.0.1:{port}"
-    server = serve_http(["bash", "-c", manifest_script(root, port)], uri, root, env)
-    next(server)
-    try:
+    with served(["bash", "-c", manifest_script(root, port)], root, uri, "/health", env, timeout=120):
         jobs = (JOBS_USER, secrets.token_hex(16))
         created = request(uri, "/api/2.0/mlflow/users/create", auth=admin,
                           body={"username": jobs[0], "password": jobs[1]})
         assert created == 200, (root / "server.log").read_text()[-3000:]
         yield {"uri": uri, "admin": admin, "jobs": jobs, "root": root}
-    finally:
-        server.close()  # runs the generator's stop code
 
 
 def test_anonymous_requests_are_refused_and_health_stays_open(auth_server):

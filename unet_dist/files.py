@@ -60,9 +60,14 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
 
 def write_json_atomic(path: str | Path, obj, indent: int | None = 1) -> bytes:
     """Write JSON (sorted keys, trailing newline) via a hidden temp file and a rename."""
-    data = (json.dumps(obj, indent=indent, sort_keys=True) + "\n").encode()
+    data = json_bytes(obj, indent)
     write_bytes_atomic(path, data)
     return data
+
+
+def json_bytes(obj, indent: int | None = 1) -> bytes:
+    """JSON with sorted keys and a trailing newline: the same bytes for the same object."""
+    return (json.dumps(obj, indent=indent, sort_keys=True) + "\n").encode()
 
 
 def encode_jpeg(rgb: np.ndarray, quality: int = JPEG_QUALITY) -> bytes:

@@ -34,6 +34,7 @@ import numpy as np
 
 from unet_dist.config import Config, add_config_args, config_from_args, to_dict
 from unet_dist import files
+from unet_dist import storage
 from unet_dist.data import shards as sh
 from unet_dist.data.quantize import Quantizer, fit_quantizer, lookup, sample_mask_pixels
 from unet_dist.data.sources import SPLITS, BadInput, Sample, list_samples, load_sample
@@ -159,7 +160,7 @@ def _rel(job: Job, path: str) -> str:
 def _unit_task(unit: Unit) -> dict:
     """Decode, map and encode the unit's samples into one shard; returns (and saves) its record."""
     job = _JOB
-    out = Path(job.out)
+    out = job.out
     rec = {"fingerprint": unit.fingerprint, "name": unit.name, "split": unit.split, "samples": 0,
            "sha256": None, "bytes": 0, "far_pixels": 0, "agree": [0, 0], "sizes": [],
            "skipped": [], "notes": [], "photo_error": [0, 0, 0]}  # sum |d|, sum d^2, values
@@ -207,14 +208,14 @@ def _unit_task(unit: Unit) -> dict:
             rec["notes"] += dec.notes
             yield from sh.sample_members(sh.sample_key(s.split, s.index), photo, ext, ids, s.photo, s.split)
 
-    path = out / unit.name
+    path = storage.join(out, unit.name)
     rec["sha256"], rec["bytes"] = sh.write_tar(path, members())
     if rec["samples"] == 0:  # every sample skipped: no shard
-        path.unlink()
+        storage.remove(path)
         rec["sha256"], rec["bytes"] = None, 0
     rec["class_pixels"] = [int(c) for c in counts[:NUM_CLASSES]] + [int(counts[IGNORE])]
     rec["sizes"] = sorted([int(h), int(w)] for h, w in sizes)
-    files.write_json_atomic(out / PROGRESS / f"{unit.name}.json", rec)
+    storage.write_json(storage.join(out, PROGRESS, f"{unit.name}.json"), rec)
     return rec
 
 
@@ -266,7 +267,7 @@ def _progress(it: Iterable, total: int, desc: str, every: Callable[[object, int]
 # ---------------------------------------------------------------- the job
 
 
-def _fit(cfg: Config, job: Job, train: list[Sample], out: Path, processes: int) -> tuple[Quantizer, dict]:
+def _fit(cfg: Config, job: Job, train: list[Sample], out: str, processes: int) -> tuple[Quantizer, dict]:
     """Reuse ``quantizer.json`` when its inputs match, else sample pixels and fit KMeans once."""
     q_cfg = cfg.quantize
     root = Path(cfg.data.root)
@@ -276,10 +277,10 @@ def _fit(cfg: Config, job: Job, train: list[Sample], out: Path, processes: int) 
         chosen = [train[i] for i in sorted(pick)]
     key = _digest({"quantize": vars(q_cfg), "layout": cfg.data.layout, "versions": versions(),
                    "max_masks": FIT_MAX_MASKS, "sources": [_stat(root, s.color or s.photo) for s in chosen]})
-    key_file, q_file = out / PROGRESS / "quantizer.key", out / sh.QUANTIZER
-    if key_file.is_file() and q_file.is_file() and key_file.read_text() == key:
+    key_file, q_file = storage.join(out, PROGRESS, "quantizer.key"), storage.join(out, sh.QUANTIZER)
+    if storage.exists(key_file) and storage.exists(q_file) and storage.read_text(key_file) == key:
         log.info("reusing %s (same inputs)", q_file)
-        return Quantizer.from_json(q_file.read_text(), str(q_file)), {"reused": True}
+        return Quantizer.from_json(storage.read_text(q_file), q_file), {"reused": True}
     per = math.ceil(q_cfg.sample_pixels / len(chosen))
     import sklearn.cluster  # noqa: F401  (imported here, about a second, so it is not timed as the fit)
 
@@ -291,8 +292,8 @@ def _fit(cfg: Config, job: Job, train: list[Sample], out: Path, processes: int) 
     t1 = time.perf_counter()
     q = fit_quantizer(pixels, q_cfg.k, q_cfg.seed, q_cfg.max_distance)
     t2 = time.perf_counter()
-    files.write_bytes_atomic(q_file, q.to_json().encode())
-    files.write_bytes_atomic(key_file, key.encode())
+    storage.write_bytes(q_file, q.to_json().encode())
+    storage.write_bytes(key_file, key.encode())
     log.info("KMeans k=%d on %d pixels from %d masks: sampled in %.2fs, fitted in %.2fs",
              len(q.centroids), len(pixels), len(chosen), t1 - t0, t2 - t1)
     return q, {"reused": False, "sample_s": t1 - t0, "fit_s": t2 - t1}
@@ -329,13 +330,14 @@ def _plan(cfg: Config, samples: dict[str, list[Sample]], q_sha: Optional[str]) -
     return units
 
 
-def _finished(out: Path, unit: Unit, on_bad_input: str) -> Optional[dict]:
-    """The unit's sidecar record when its shard is present and its bytes verify, else None.
+def _finished(out: str, unit: Unit, on_bad_input: str) -> Optional[dict]:
+    """The unit's sidecar record when its shard is present and its bytes verify, else None (on S3
+    the object is read back and hashed: the sidecar is the manifest-in-progress it must match).
 
     A shard that skipped bad input is rebuilt under ``fail``, so the error is raised.
     """
     try:
-        rec = json.loads((out / PROGRESS / f"{unit.name}.json").read_text())
+        rec = json.loads(storage.read_text(storage.join(out, PROGRESS, f"{unit.name}.json")))
     except (OSError, ValueError):
         return None
     if not isinstance(rec, dict) or rec.get("fingerprint") != unit.fingerprint:
@@ -344,24 +346,26 @@ def _finished(out: Path, unit: Unit, on_bad_input: str) -> Optional[dict]:
         return None
     if rec.get("samples") == 0:
         return rec
-    path = out / unit.name
-    if not path.is_file() or path.stat().st_size != rec.get("bytes") or files.sha256_file(path) != rec.get("sha256"):
+    path = storage.join(out, unit.name)
+    if not storage.exists(path) or storage.size(path) != rec.get("bytes") or storage.sha256(path) != rec.get("sha256"):
         log.warning("%s: missing or does not match its record; rebuilding", path)
         return None
     return rec
 
 
-def _clean_start(out: Path) -> None:
+def _clean_start(out: str) -> None:
     """A rerun first drops the manifest (the 'complete' mark) and any half-written temp file."""
-    (out / PROGRESS).mkdir(parents=True, exist_ok=True)
-    (out / sh.MANIFEST).unlink(missing_ok=True)
+    storage.check(out)
+    storage.remove(storage.join(out, sh.MANIFEST))
     _remove_tmp(out)
 
 
-def _remove_tmp(out: Path) -> None:
-    for d in (out, out / PROGRESS):
-        for tmp in d.glob(".*.tmp"):
-            tmp.unlink(missing_ok=True)
+def _remove_tmp(out: str) -> None:
+    """Local half-written files (``.name.tmp``); S3 never holds any: an object is one whole PUT."""
+    for d in (out, storage.join(out, PROGRESS)):
+        for name in storage.listdir(d):
+            if name.startswith(".") and name.endswith(".tmp"):
+                storage.remove(storage.join(d, name))
 
 
 def run(cfg: Config) -> dict:
@@ -369,7 +373,7 @@ def run(cfg: Config) -> dict:
     t_start = time.perf_counter()
     d = cfg.data
     samples = list_samples(d.root, d.layout, d.label_source, d.max_samples)
-    out = Path(cfg.shards.dir)
+    out = storage.absolute(cfg.shards.dir)  # a local path or s3://bucket/prefix
     if cfg.shards.samples_per_shard < 1:
         raise UnetDistError(f"shards.samples_per_shard: expected >= 1, got {cfg.shards.samples_per_shard}")
     if d.resize is not None and (len(d.resize) != 2 or min(d.resize) < 1):
@@ -382,7 +386,7 @@ def run(cfg: Config) -> dict:
     if enc.photo_tile is not None and (len(enc.photo_tile) != 2 or min(enc.photo_tile) < 16):
         raise UnetDistError(f"shards.photo_tile: expected [height, width] of ints >= 16 or null, got {enc.photo_tile}")
     tile = tuple(enc.photo_tile) if enc.photo_tile and enc.photo_encoding == "jpeg" else None
-    job = Job(str(d.root), str(out), d.label_source, d.on_bad_input, resize,
+    job = Job(str(d.root), out, d.label_source, d.on_bad_input, resize,
               photo_encoding=enc.photo_encoding, jpeg_quality=enc.jpeg_quality, photo_tile=tile)
     _clean_start(out)
     log.info("%s layout at %s: %s", d.layout, d.root, ", ".join(f"{s} {len(v)} samples" for s, v in samples.items()))
@@ -391,10 +395,10 @@ def run(cfg: Config) -> dict:
     q, fit_info, q_sha, lut_s = None, {}, None, 0.0
     if d.label_source == "color":
         q, fit_info = _fit(cfg, job, samples["train"], out, processes)
-        q_sha = files.sha256_file(out / sh.QUANTIZER)
+        q_sha = storage.sha256(storage.join(out, sh.QUANTIZER))
         job = dataclasses.replace(job, quantizer_json=q.to_json(), quantizer_sha=q_sha)
     else:
-        (out / sh.QUANTIZER).unlink(missing_ok=True)
+        storage.remove(storage.join(out, sh.QUANTIZER))
 
     units = _plan(cfg, samples, q_sha)
     records = {u.name: r for u in units if (r := _finished(out, u, d.on_bad_input)) is not None}
@@ -418,7 +422,7 @@ def run(cfg: Config) -> dict:
     shard_s = time.perf_counter() - t0
     manifest = _manifest(cfg, units, records, q_sha)
     _drop_stale(out, units, manifest)
-    files.write_json_atomic(out / sh.MANIFEST, manifest)
+    storage.write_json(storage.join(out, sh.MANIFEST), manifest)  # last: the directory is complete
 
     seconds = time.perf_counter() - t_start
     built = sum(records[u.name]["samples"] for u in todo)
@@ -426,7 +430,7 @@ def run(cfg: Config) -> dict:
         for note in r["notes"]:
             log.warning("%s", note)
     return {
-        "shards_dir": str(out.resolve()),
+        "shards_dir": out,
         "samples": {s: v["samples"] for s, v in manifest["splits"].items()},
         "shards": {s: len(v["shards"]) for s, v in manifest["splits"].items()},
         "skipped": len(manifest["skipped"]), "reused_shards": len(units) - len(todo),
@@ -479,17 +483,17 @@ def _manifest(cfg: Config, units: list[Unit], records: dict, q_sha: Optional[str
     }
 
 
-def _drop_stale(out: Path, units: list[Unit], manifest: dict) -> None:
+def _drop_stale(out: str, units: list[Unit], manifest: dict) -> None:
     """Shards and sidecars of an earlier, different plan must not be mistaken for this one's."""
     keep = {s["name"] for v in manifest["splits"].values() for s in v["shards"]}
     planned = {u.name for u in units}
-    for p in out.iterdir():
-        if SHARD_RE.match(p.name) and p.name not in keep:
-            log.info("removing stale %s", p)
-            p.unlink()
-    for p in (out / PROGRESS).glob("*.tar.json"):
-        if p.name[:-5] not in planned:
-            p.unlink()
+    for name in storage.listdir(out):
+        if SHARD_RE.match(name) and name not in keep:
+            log.info("removing stale %s", storage.join(out, name))
+            storage.remove(storage.join(out, name))
+    for name in storage.listdir(storage.join(out, PROGRESS)):
+        if name.endswith(".tar.json") and name[:-5] not in planned:
+            storage.remove(storage.join(out, PROGRESS, name))
 
 
 def _summary_text(s: dict) -> str:

@@ -7,6 +7,7 @@ Steps already in the run's history are not logged again after a resume.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -17,12 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from unet_dist import labels, viz
-from unet_dist.config import Config, dump_yaml, flatten
+from unet_dist import labels, storage, viz
+from unet_dist.config import Config, dump_yaml, flatten, to_dict
 from unet_dist.data import shards
 from unet_dist.errors import UnetDistError
 from unet_dist.evaluation import format_table
-from unet_dist.files import sha256_file
 
 log = logging.getLogger("unet_dist.tracking")
 LOCAL_STORE = Path("runs") / "mlflow"
@@ -155,15 +155,16 @@ class RunLogger:
     def run_inputs(self, cfg: Config, tags: dict[str, Any]) -> None:
         """What a new run starts from: tags, the shards manifest and quantizer (with a picture of its
         clusters) and the config, so the run can be repeated from MLflow alone."""
-        shards_dir = Path(cfg.shards.dir)
-        manifest = shards_dir / shards.MANIFEST
-        self.tags({**tags, "git_commit": git_commit() or "none", "shards_manifest_sha256": sha256_file(manifest)})
+        raw = storage.read_bytes(storage.join(cfg.shards.dir, shards.MANIFEST))  # a path or s3://
+        manifest, digest = raw.decode(), hashlib.sha256(raw).hexdigest()
+        self.tags({**tags, "git_commit": git_commit() or "none", "shards_manifest_sha256": digest})
         self.metrics({"global_batch": tags["global_batch"]}, step=0)
-        self.artifact(manifest, "data")
-        quantizer = shards_dir / shards.QUANTIZER
-        if quantizer.is_file():
-            self.artifact(quantizer, "data")
-            self.image(viz.quantizer_picture(json.loads(quantizer.read_text())), "data/kmeans_clusters.png")
+        self.text(manifest, f"data/{shards.MANIFEST}")
+        quantizer = storage.join(cfg.shards.dir, shards.QUANTIZER)
+        if storage.exists(quantizer):
+            text = storage.read_text(quantizer)
+            self.text(text, f"data/{shards.QUANTIZER}")
+            self.image(viz.quantizer_picture(json.loads(text)), "data/kmeans_clusters.png")
         self.text(dump_yaml(cfg), "config.yaml")
 
     def evaluation(self, result: dict, step: int) -> None:

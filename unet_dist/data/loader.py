@@ -9,6 +9,8 @@ are exact for any world size.
 from __future__ import annotations
 
 import io
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 
@@ -19,9 +21,12 @@ import torch.nn.functional as F
 import webdataset as wds
 from PIL import Image
 
+from unet_dist import storage
 from unet_dist.data import shards
 from unet_dist.errors import UnetDistError
 from unet_dist.labels import IGNORE
+
+storage.register_gopen()  # s3:// shard URLs stream through unet_dist.storage (also in loader workers)
 
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32) * 255
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32) * 255
@@ -242,8 +247,34 @@ def _collate(batch):
     return tuple(torch.stack(x) if isinstance(x[0], torch.Tensor) else list(x) for x in zip(*batch))
 
 
+def _prefetched_shards(src, depth: int):
+    """Shards read whole, ``depth`` ahead, in threads: the wait for the next shards (network or
+    disk) overlaps the decoding of this one. Same samples in the same order as streaming."""
+    with ThreadPoolExecutor(depth) as pool:
+        pending: deque = deque()
+        for item in src:
+            pending.append((item, pool.submit(storage.read_bytes, item["url"])))
+            if len(pending) > depth:
+                item, data = pending.popleft()
+                yield {**item, "stream": io.BytesIO(data.result())}
+        while pending:
+            item, data = pending.popleft()
+            yield {**item, "stream": io.BytesIO(data.result())}
+
+
+def shard_samples(prefetch: int = 0):
+    """Pipeline stage: shard URLs -> samples, streamed (``prefetch`` 0) or read ahead whole."""
+    return wds.pipelinefilter(_prefetched_samples)(prefetch) if prefetch > 0 else wds.tarfile_to_samples()
+
+
+def _prefetched_samples(src, depth: int):
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    return group_by_keys(tar_file_expander(_prefetched_shards(src, depth)))
+
+
 def train_loader(urls: list[str], aug: Augment, batch_size: int, *, rank: int, seed: int,
-                 shuffle_buffer: int, workers: int, pin_memory: bool) -> wds.WebLoader:
+                 shuffle_buffer: int, workers: int, pin_memory: bool, prefetch: int = 0) -> wds.WebLoader:
     """An endless stream of batches for one rank: lists of uint8 source regions and labels, and
     the plans that :func:`to_device` applies on the training device."""
     if not urls:
@@ -251,7 +282,7 @@ def train_loader(urls: list[str], aug: Augment, batch_size: int, *, rank: int, s
     worker_seed = partial(_worker_seed, seed, rank)
     pipeline = wds.DataPipeline(
         wds.ResampledShards(urls, seed=seed, worker_seed=worker_seed, deterministic=True),
-        wds.tarfile_to_samples(),
+        shard_samples(prefetch),
         wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 16), seed=seed * 7919 + rank),
         wds.map(partial(_train_sample, aug)),
         wds.batched(batch_size, collation_fn=_train_collate, partial=False),

@@ -19,7 +19,8 @@ import numpy as np
 from PIL import Image
 
 from unet_dist.errors import UnetDistError
-from unet_dist.files import encode_jpeg, encode_png, fsync_dir, sha256_file, tmp_path
+from unet_dist import storage
+from unet_dist.files import encode_jpeg, encode_png, sha256_file
 
 MANIFEST = "manifest.json"
 QUANTIZER = "quantizer.json"  # beside the manifest when labels come from KMeans on colour masks
@@ -173,45 +174,54 @@ def sample_members(key: str, image: bytes | list[tuple[str, bytes]], image_ext: 
     ]
 
 
-def write_tar(path: str | Path, members: Iterable[tuple[str, bytes]]) -> tuple[str, int]:
-    """Write a deterministic tar atomically; returns (sha256, bytes)."""
-    path = Path(path)
-    tmp = tmp_path(path)
-    with open(tmp, "wb") as f:
-        with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            for name, data in members:
-                info = tarfile.TarInfo(name)
-                info.size, info.mtime, info.mode = len(data), 0, 0o644
-                info.uid = info.gid = 0
-                info.uname = info.gname = ""
-                tar.addfile(info, io.BytesIO(data))
-        f.flush()
-        os.fsync(f.fileno())
-    digest, size = sha256_file(tmp), tmp.stat().st_size
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+def write_tar(url: str | Path, members: Iterable[tuple[str, bytes]]) -> tuple[str, int]:
+    """Write a deterministic tar, published in one step (a local rename or one S3 PUT) only once
+    complete; returns (sha256, bytes)."""
+    tmp = storage.staging_path(url)
+    try:
+        with open(tmp, "wb") as f:
+            with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+                for name, data in members:
+                    info = tarfile.TarInfo(name)
+                    info.size, info.mtime, info.mode = len(data), 0, 0o644
+                    info.uid = info.gid = 0
+                    info.uname = info.gname = ""
+                    tar.addfile(info, io.BytesIO(data))
+            f.flush()
+            os.fsync(f.fileno())
+        digest, size = sha256_file(tmp), tmp.stat().st_size
+        storage.publish_file(tmp, url)
+    finally:
+        tmp.unlink(missing_ok=True)
     return digest, size
+
+
+HINT = "run python -m unet_dist.preprocess first"
 
 
 def load_manifest(shards_dir: str | Path) -> dict:
     """The manifest of a finished preprocess run; a clear error if it is missing or invalid."""
-    d = Path(shards_dir)
-    hint = "run python -m unet_dist.preprocess first"
-    if not d.is_dir():
-        raise UnetDistError(f"{d}: shards directory not found; {hint}")
-    path = d / MANIFEST
-    if not path.is_file():
-        raise UnetDistError(f"{path}: manifest not found (preprocess unfinished?); {hint}")
+    d = str(shards_dir)
+    storage.check(d)
+    path = storage.join(d, MANIFEST)
     try:
-        m = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise UnetDistError(f"{path}: not valid JSON ({e}); {hint}") from None
+        text = storage.read_text(path)
+    except FileNotFoundError:
+        if not storage.is_dir(d):
+            raise UnetDistError(f"{d}: shards directory not found; {HINT}") from None
+        raise UnetDistError(f"{path}: manifest not found (preprocess unfinished?); {HINT}") from None
+    except UnicodeDecodeError as e:
+        raise UnetDistError(f"{path}: not valid JSON ({e}); {HINT}") from None
+    try:
+        m = json.loads(text)
+    except ValueError as e:
+        raise UnetDistError(f"{path}: not valid JSON ({e}); {HINT}") from None
     if not isinstance(m, dict) or m.get("format") != FORMAT or not isinstance(m.get("splits"), dict):
-        raise UnetDistError(f"{path}: expected a format {FORMAT} manifest with 'splits'; {hint}")
+        raise UnetDistError(f"{path}: expected a format {FORMAT} manifest with 'splits'; {HINT}")
     for split, s in m["splits"].items():
         if not isinstance(s, dict) or not isinstance(s.get("shards"), list) or not all(
                 isinstance(x, dict) and {"name", "sha256", "samples"} <= x.keys() for x in s["shards"]):
-            raise UnetDistError(f"{path}: split {split!r} lacks a valid 'shards' list; {hint}")
+            raise UnetDistError(f"{path}: split {split!r} lacks a valid 'shards' list; {HINT}")
     return m
 
 
@@ -223,19 +233,32 @@ def _split(manifest: dict, split: str, where: str) -> dict:
 
 
 def shard_paths(shards_dir: str | Path, manifest: dict, split: str) -> list[str]:
-    """Paths of the split's shards, in order, as strings webdataset accepts as URLs."""
-    entry = _split(manifest, split, str(Path(shards_dir) / MANIFEST))
-    return [str(Path(shards_dir) / s["name"]) for s in entry["shards"]]
+    """Paths or ``s3://`` URLs of the split's shards, in order (webdataset opens both)."""
+    entry = _split(manifest, split, storage.join(shards_dir, MANIFEST))
+    return [storage.join(shards_dir, s["name"]) for s in entry["shards"]]
+
+
+def check_listed(shards_dir: str | Path, manifest: dict, split: str) -> None:
+    """Every shard the manifest lists for ``split`` is there with the listed size: one listing plus
+    one size query per shard, cheap enough for a driver's preflight before any worker starts."""
+    entry = _split(manifest, split, storage.join(shards_dir, MANIFEST))
+    listed = set(storage.listdir(shards_dir))
+    for s in entry["shards"]:
+        path = storage.join(shards_dir, s["name"])
+        if s["name"] not in listed:
+            raise UnetDistError(f"{path}: shard listed in the manifest is missing")
+        if "bytes" in s and (size := storage.size(path)) != s["bytes"]:
+            raise UnetDistError(f"{path}: {size} bytes, the manifest says {s['bytes']}; "
+                                f"the shard is corrupt or stale, rerun preprocess")
 
 
 def verify_shards(shards_dir: str | Path, manifest: dict, split: str) -> None:
-    """Check every shard of ``split`` exists and matches its manifest sha256."""
-    entry = _split(manifest, split, str(Path(shards_dir) / MANIFEST))
-    for s in entry["shards"]:
-        path = Path(shards_dir) / s["name"]
-        if not path.is_file():
-            raise UnetDistError(f"{path}: shard listed in the manifest is missing")
-        got = sha256_file(path)
+    """:func:`check_listed`, then every shard's sha256 against the manifest (on S3 each object is
+    read once: a checksum stored beside it would only be the uploader's word)."""
+    check_listed(shards_dir, manifest, split)
+    for s in _split(manifest, split, storage.join(shards_dir, MANIFEST))["shards"]:
+        path = storage.join(shards_dir, s["name"])
+        got = storage.sha256(path)
         if got != s["sha256"]:
             raise UnetDistError(f"{path}: sha256 {got[:12]}... does not match the manifest's "
                                 f"{s['sha256'][:12]}...; the shard is corrupt or stale, rerun preprocess")

@@ -3,10 +3,14 @@
 
 Both launchers keep checkpoints under ``<train.checkpoint_dir>/<train.run_name>/``: Ray Train puts
 its reported checkpoints there (``storage_path`` + run name), torchrun writes ``checkpoint_step-N``
-itself. :func:`find_latest` reads either.
+itself. :func:`find_latest` reads either. ``checkpoint_dir`` may be a local path or ``s3://``
+(through :mod:`unet_dist.storage`): on S3 every file is one complete PUT and ``meta.json`` goes
+last, and a checkpoint counts only when its ``checkpoint.pt`` has the size ``meta.json`` records,
+so a partial upload (a crash mid-copy, Ray copying file by file) is never taken as the newest.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -16,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from unet_dist import storage
 from unet_dist.config import Config, to_dict
 from unet_dist.data import shards
 from unet_dist.errors import UnetDistError
-from unet_dist.files import sha256_file
 
 STATE_FILE = "checkpoint.pt"
 META_FILE = "meta.json"
@@ -48,7 +52,7 @@ def meta(cfg: Config, *, step: int, best_miou: float, run_id: str | None, world_
          launcher: str) -> dict:
     """What ``meta.json`` records beside the tensors: where the run stands, the whole config, the
     MLflow run to continue, and the data it was trained on (manifest digest, quantizer path)."""
-    manifest = Path(cfg.shards.dir) / shards.MANIFEST
+    manifest = storage.join(cfg.shards.dir, shards.MANIFEST)
     return {
         "step": step,
         "steps_total": cfg.train.steps,
@@ -57,8 +61,8 @@ def meta(cfg: Config, *, step: int, best_miou: float, run_id: str | None, world_
         "mlflow_run_id": run_id,
         "world_size": world_size,
         "launcher": launcher,
-        "shards_manifest_sha256": sha256_file(manifest) if manifest.is_file() else None,
-        "quantizer": str(Path(cfg.shards.dir) / shards.QUANTIZER),
+        "shards_manifest_sha256": storage.sha256(manifest) if storage.exists(manifest) else None,
+        "quantizer": storage.join(cfg.shards.dir, shards.QUANTIZER),
     }
 
 
@@ -72,10 +76,20 @@ def write(directory: Path, state: dict, meta: dict) -> Path:
     return directory
 
 
-def publish(tmp_dir: Path, run_dir: Path, step: int, keep: int = 2) -> Path:
-    """Move a finished checkpoint into ``run_dir`` atomically and keep only the newest ``keep``."""
+def publish(tmp_dir: Path, run_dir: str | Path, step: int, keep: int = 2) -> str | Path:
+    """Put a finished checkpoint into ``run_dir`` (locally by one rename, on S3 with ``meta.json``
+    uploaded last) and keep only the newest ``keep``."""
+    name = f"checkpoint_step-{step:08d}"
+    if storage.is_remote(run_dir):
+        final = storage.join(run_dir, name)
+        storage.remove_tree(final)  # a half upload of the same step by a killed attempt
+        storage.upload_tree(Path(tmp_dir), final, last=META_FILE)
+        for old in sorted(n for n in storage.listdir(run_dir) if n.startswith("checkpoint_step-"))[:-keep]:
+            storage.remove_tree(storage.join(run_dir, old))
+        return final
+    run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    final = run_dir / f"checkpoint_step-{step:08d}"
+    final = run_dir / name
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=run_dir))
     shutil.copytree(tmp_dir, staging, dirs_exist_ok=True)
     if final.exists():
@@ -86,32 +100,34 @@ def publish(tmp_dir: Path, run_dir: Path, step: int, keep: int = 2) -> Path:
     return final
 
 
-def read_meta(directory: Path) -> dict:
+def read_meta(directory: str | Path) -> dict:
     try:
-        return json.loads((Path(directory) / META_FILE).read_text())
+        return json.loads(storage.read_text(storage.join(directory, META_FILE)))
     except (OSError, ValueError) as e:
         raise UnetDistError(f"{directory}: not a readable checkpoint ({META_FILE}: {e})") from None
 
 
-def find_latest(run_dir: Path) -> Path | None:
+def _child(run_dir: str | Path, name: str) -> str | Path:
+    return storage.join(run_dir, name) if storage.is_remote(run_dir) else Path(run_dir) / name
+
+
+def find_latest(run_dir: str | Path) -> str | Path | None:
     """The complete checkpoint with the highest step under ``run_dir`` (any launcher), or None."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        return None
     best: tuple[int, str] | None = None
-    for child in run_dir.iterdir():
-        if child.name.startswith(".") or not (child / STATE_FILE).is_file() or not (child / META_FILE).is_file():
+    for name in storage.listdir(run_dir):
+        if name.startswith("."):
             continue
+        child = storage.join(run_dir, name)
         try:
-            meta = json.loads((child / META_FILE).read_text())
+            meta = json.loads(storage.read_text(storage.join(child, META_FILE)))
             step = int(meta["step"])
-            if meta.get("state_bytes", -1) not in (-1, (child / STATE_FILE).stat().st_size):
+            if meta.get("state_bytes", -1) not in (-1, storage.size(storage.join(child, STATE_FILE))):
                 continue  # a copy cut short by a crash
         except (OSError, ValueError, KeyError, TypeError):
-            continue
-        if best is None or (step, child.name) > best:
-            best = (step, child.name)
-    return run_dir / best[1] if best else None
+            continue  # not a checkpoint, or meta.json without its checkpoint.pt yet
+        if best is None or (step, name) > best:
+            best = (step, name)
+    return _child(run_dir, best[1]) if best else None
 
 
 def check_model(directory: Path, model: dict) -> None:
@@ -123,24 +139,27 @@ def check_model(directory: Path, model: dict) -> None:
                             f"resume with the same model.* keys or start a new train.run_name")
 
 
-def resolve(path: str | Path) -> Path:
+def resolve(path: str | Path) -> str | Path:
     """A checkpoint directory, its ``checkpoint.pt``, or a run directory (its latest checkpoint)."""
-    p = Path(path)
-    if p.is_file() and p.name == STATE_FILE:
-        return p.parent
-    if (p / STATE_FILE).is_file():
-        return p
+    p = str(path)
+    if storage.name(p) == STATE_FILE and storage.exists(p):
+        return p[: -len(STATE_FILE) - 1] if storage.is_remote(p) else Path(p).parent
+    if storage.exists(storage.join(p, STATE_FILE)):
+        return p if storage.is_remote(p) else Path(p)
     latest = find_latest(p)
     if latest is None:
         raise UnetDistError(f"{path}: no checkpoint found (expected a directory with {STATE_FILE} and {META_FILE})")
     return latest
 
 
-def load_state(directory: Path, map_location: str | torch.device = "cpu") -> dict:
+def load_state(directory: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """Load tensors safely: ``weights_only=True`` refuses pickled code objects."""
-    path = Path(directory) / STATE_FILE
+    path = storage.join(directory, STATE_FILE)
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        source = io.BytesIO(storage.read_bytes(path)) if storage.is_remote(path) else path
+        return torch.load(source, map_location=map_location, weights_only=True)
+    except UnetDistError:
+        raise
     except Exception as e:  # torch raises UnpicklingError or RuntimeError for unsafe or broken files
         text = str(e).strip()
         if "Weights only load failed" in text:  # torch's first line suggests weights_only=False: not us

@@ -12,6 +12,7 @@ import logging
 import os
 from pathlib import Path
 
+from unet_dist import storage
 from unet_dist.config import Config, from_dict, to_dict
 from unet_dist.data import shards
 from unet_dist.distributed import init_torchrun_group
@@ -21,8 +22,10 @@ from unet_dist.train.loop import AllRanksError, Context, train
 
 log = logging.getLogger("unet_dist.launch")
 
-def run_dir(cfg: Config) -> Path:
-    return Path(cfg.train.checkpoint_dir).resolve() / cfg.train.run_name
+def run_dir(cfg: Config) -> str | Path:
+    """``<checkpoint_dir>/<run_name>``: a local Path, or an ``s3://`` URL."""
+    base = storage.absolute(cfg.train.checkpoint_dir)
+    return storage.join(base, cfg.train.run_name) if storage.is_remote(base) else Path(base) / cfg.train.run_name
 
 
 def absolute_paths(cfg: Config) -> Config:
@@ -30,19 +33,24 @@ def absolute_paths(cfg: Config) -> Config:
     from unet_dist.tracking import resolve_tracking_uri
 
     cfg = dataclasses.replace(cfg)
-    cfg.shards = dataclasses.replace(cfg.shards, dir=str(Path(cfg.shards.dir).resolve()))
-    cfg.train = dataclasses.replace(cfg.train, checkpoint_dir=str(Path(cfg.train.checkpoint_dir).resolve()))
+    cfg.shards = dataclasses.replace(cfg.shards, dir=storage.absolute(cfg.shards.dir))
+    cfg.train = dataclasses.replace(cfg.train, checkpoint_dir=storage.absolute(cfg.train.checkpoint_dir))
     cfg.mlflow = dataclasses.replace(cfg.mlflow, tracking_uri=resolve_tracking_uri(cfg))
     return cfg
 
 
 def preflight(cfg: Config) -> None:
-    """Cheap checks before anything starts (a Ray cluster, process groups, an MLflow run): the shards
-    manifest exists, the checkpoint this job would resume was made for this model, and the MLflow
-    server accepts our login."""
+    """Cheap checks before anything starts (a Ray cluster, process groups, an MLflow run): both
+    locations are reachable (on S3: endpoint, credentials, bucket), the shards manifest exists and
+    lists shards that are there with their sizes, and the checkpoint this job would resume was made
+    for this model, and the MLflow server accepts our login. (Shard hashes are checked by rank 0
+    before the first step.)"""
     from unet_dist.tracking import check_access
 
-    shards.load_manifest(cfg.shards.dir)
+    storage.check(cfg.train.checkpoint_dir)
+    manifest = shards.load_manifest(cfg.shards.dir)
+    for split in ("train", "val"):
+        shards.check_listed(cfg.shards.dir, manifest, split)
     check_access(cfg.mlflow.tracking_uri)
     latest = checkpoint.find_latest(run_dir(cfg))
     if latest is not None:
@@ -73,7 +81,7 @@ def _mark_failed(cfg: Config, run_id: str | None) -> None:
 
 
 @contextlib.contextmanager
-def _latest_on_disk(directory: Path):
+def _latest_on_disk(directory: str | Path):
     yield checkpoint.find_latest(directory)
 
 
@@ -117,7 +125,7 @@ def _ray_worker(loop_config: dict) -> dict:
 
     cfg = from_dict(loop_config["config"], "loop config")
     rc = ray.train.get_context()
-    directory = Path(loop_config["run_dir"])
+    directory = loop_config["run_dir"]
 
     def report(metrics: dict, tmp: Path | None) -> None:
         ckpt = ray.train.Checkpoint.from_directory(str(tmp)) if tmp is not None else None
@@ -166,6 +174,7 @@ def ray_trainer(cfg: Config, run_id: str, callbacks: tuple = (), gpus_per_worker
     from ray.train.torch import TorchConfig, TorchTrainer
 
     t = cfg.train
+    filesystem, storage_path = storage.pyarrow_filesystem(t.checkpoint_dir)  # S3: same endpoint as boto3
     return TorchTrainer(
         _ray_worker,
         train_loop_config={"config": to_dict(cfg), "run_id": run_id, "run_dir": str(run_dir(cfg))},
@@ -174,7 +183,7 @@ def ray_trainer(cfg: Config, run_id: str, callbacks: tuple = (), gpus_per_worker
                                      resources_per_worker={"CPU": t.cpus_per_worker,
                                                            **({"GPU": gpus_per_worker} if t.use_gpu else {})}),
         run_config=RunConfig(
-            name=t.run_name, storage_path=t.checkpoint_dir,
+            name=t.run_name, storage_path=storage_path, storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=list(callbacks),

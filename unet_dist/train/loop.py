@@ -267,7 +267,7 @@ def prepare(run: Run) -> None:
     run.batches = iter(train_loader(
         shards.shard_paths(cfg.shards.dir, run.manifest, "train"), aug, t.batch_size, rank=ctx.rank,
         seed=t.seed + 7 * run.start_step, shuffle_buffer=t.shuffle_buffer, workers=t.loader_workers,
-        pin_memory=device.type == "cuda"))
+        pin_memory=device.type == "cuda", prefetch=cfg.shards.prefetch))
     run.global_batch = t.batch_size * t.accumulation * ctx.world_size
     if ctx.rank == 0 and ctx.run_id:
         run.tracker = RunLogger(cfg, ctx.run_id, resumed=run.start_step > 0)

@@ -1,0 +1,115 @@
+"""Training input from S3 against local disk: the same shards, the same loader, in the same run.
+
+    .venv/bin/python benchmarks/bench_storage.py [--quick] [--repeats N] [--cache DIR]
+
+Starts a real S3 server process (moto standalone, as in the tests) on 127.0.0.1, uploads the cached
+shards to a bucket and streams them through ``train_loader`` with ``s3://`` URLs (the webdataset
+gopen scheme of unet_dist.storage, boto3 underneath), with and without ``shards.prefetch``.
+The server runs on this machine: no network latency, but its HTTP handling is Python and shares the
+2 cores with the loader, so the S3 rows are a pessimistic bound for a real object store's CPU cost
+and an optimistic one for its latency (which prefetching is there to hide).
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import _common as C
+from bench_loader import rate
+
+LOADER_WORKERS = 1  # the demo's train.loader_workers
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_s3(log: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2).close()
+            return proc, endpoint
+        except urllib.error.HTTPError:
+            return proc, endpoint
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"moto_server did not start: {log.read_text()[-2000:]}")
+            time.sleep(0.3)
+
+
+def main() -> None:
+    args = C.parser(__doc__.split("\n\n")[0]).parse_args()
+    t_start = C.header("Training input: shards on S3 (moto server on 127.0.0.1) vs local disk", args)
+    cache = C.cache_dir(args.cache)
+    n_train, n_val, spp, batches = (16, 8, 8, 8) if args.quick else (184, 16, 25, 100)
+    shards_dir = C.shards(cache, C.dataset(cache, n_train, n_val), spp)
+    proc, endpoint = start_s3(cache / "moto_server.log")
+    os.environ.update({"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+                       "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"})
+    try:
+        import boto3
+        import torch
+
+        from unet_dist import storage
+        from unet_dist.config import TrainConfig
+        from unet_dist.data import loader as L
+        from unet_dist.data import shards as sh
+
+        torch.set_num_threads(1)
+        storage.reset()
+        boto3.client("s3").create_bucket(Bucket="bench")
+        remote = "s3://bench/shards"
+        for name in storage.listdir(shards_dir):
+            if not name.startswith("."):
+                storage.write_bytes(storage.join(remote, name), (Path(shards_dir) / name).read_bytes())
+        tc = TrainConfig()
+        aug = L.Augment(crop=tuple(tc.crop), scale=tuple(tc.scale), flip=tc.flip)
+        urls = {"local": sh.shard_paths(shards_dir, sh.load_manifest(shards_dir), "train"),
+                "s3": sh.shard_paths(remote, sh.load_manifest(remote), "train")}
+
+        def loader(where: str, prefetch: int):
+            return lambda: L.train_loader(urls[where], aug, tc.batch_size, rank=0, seed=0,
+                                          shuffle_buffer=tc.shuffle_buffer, workers=LOADER_WORKERS,
+                                          pin_memory=False, prefetch=prefetch)
+
+        cases = [("local", 0), ("local", 2), ("s3", 0), ("s3", 2)]
+        res: dict[tuple[str, int], list[float]] = {}
+        before = storage.retry_count()
+        for _ in range(args.repeats):  # rounds: each case once per round
+            for where, prefetch in cases:
+                res.setdefault((where, prefetch), []).append(rate(loader(where, prefetch), 5, batches)[0])
+        t = C.Table(f"train_loader, {LOADER_WORKERS} loader worker, {len(urls['local'])} train shards of {spp} "
+                    f"samples, batch {tc.batch_size}, crop {aug.crop}", "samples/s",
+                    baseline="local disk, streamed")
+        t.add("local disk, streamed", res[("local", 0)], "open() + tar stream (prefetch 0, the default)")
+        t.add("local disk, prefetch 2", res[("local", 2)], "shards read whole, 2 ahead, in threads")
+        t.add("S3, streamed", res[("s3", 0)], "GET streamed through unet_dist.storage")
+        t.add("S3, prefetch 2", res[("s3", 2)], "2 whole-object GETs ahead, in threads")
+        t.print()
+        print("Ratios (medians of this run):", flush=True)
+        print(f"- S3 / local disk, streamed: {t.ratio('S3, streamed'):.2f}")
+        print(f"- S3 / local disk, both prefetch 2: {t.value('S3, prefetch 2') / t.value('local disk, prefetch 2'):.2f}")
+        print(f"- S3 prefetch 2 / S3 streamed: {t.value('S3, prefetch 2') / t.value('S3, streamed'):.2f}")
+        print(f"- S3 retries in this process: {storage.retry_count() - before}\n", flush=True)
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=20)
+    C.footer(t_start)
+
+
+if __name__ == "__main__":
+    main()
