@@ -42,6 +42,16 @@ def run(cmd: list[str], *, cwd: Path, env: dict | None = None, timeout: int = 60
     return proc
 
 
+def assert_only_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
+    """Exit code 2 and stderr exactly one line, ``error: ...``, naming what it must name."""
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
 def make_shards(workdir: Path, *, train: int = 24, val: int = 8, size: int = 64, extra: tuple[str, ...] = ()) -> Path:
     """Synthetic pairs data -> shards, through the real CLIs. Returns the shards dir."""
     data, out = workdir / "raw", workdir / "shards"

@@ -46,7 +46,7 @@ def manifest_script(root: Path, port: int) -> str:
     deployment = next(d for d in docs if d["kind"] == "Deployment")
     script = " ".join(deployment["spec"]["template"]["spec"]["containers"][0]["args"])
     swaps = {'"postgresql://${POSTGRES_USER}:${POSTGRES_PASSWORD}@mlflow-postgres:5432/mlflow"': f"sqlite:///{root / 'mlflow.db'}",
-             "--host 0.0.0.0": "--host 127.0.0.1", "--port 5000": f"--port {port}", "/mnt/shared/": f"{root}/shared/",
+             "--host 0.0.0.0": "--host 127.0.0.1", "--port 5000": f"--port {port}",
              "/tmp/basic_auth.ini": str(root / "basic_auth.ini")}
     for old, new in swaps.items():
         assert old in script, f"k8s/base/mlflow.yaml no longer has {old!r}"
@@ -61,6 +61,7 @@ def auth_server(tmp_path_factory):
     admin = ("admin", secrets.token_hex(16))
     port = free_port()
     env = clean_env(MLFLOW_WORKERS="1", MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", HOME=str(root),
+                    MLFLOW_ARTIFACTS_DESTINATION=str(root / "shared" / "mlflow-artifacts"),  # the Deployment's env
                     MLFLOW_AUTH_ADMIN_USERNAME=admin[0], MLFLOW_AUTH_ADMIN_PASSWORD=admin[1],
                     MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(16))
     uri = f"http://127.0.0.1:{port}"

@@ -29,7 +29,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from conftest import BIN, REPO, clean_env, run
+from conftest import BIN, REPO, assert_only_error, clean_env, run
 from unet_dist import preprocess
 from unet_dist.config import load_config
 from unet_dist.data import shards as sh
@@ -179,16 +179,6 @@ def mlflow_status(tmp: Path, run_id: str) -> str:
 
 def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("error:")]
-
-
-def assert_only_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
-    """Exit code 2 and stderr exactly one line, ``error: ...``, naming what it must name."""
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 # ------------------------------------------------------------------------- 1. Ray worker SIGKILLed

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import BIN, REPO, clean_env, mlflow_server_process, run
+from conftest import BIN, REPO, assert_only_error, clean_env, mlflow_server_process, run
 
 pytestmark = pytest.mark.slow  # an S3 server process, preprocess/torchrun/Ray jobs, an mlflow server
 
@@ -35,15 +35,6 @@ def sets(*pairs: str) -> list[str]:
 
 def preprocess_cmd(raw: Path, out: str) -> list[str]:
     return [sys.executable, "-m", "unet_dist.preprocess", *sets(f"data.root={raw}", f"shards.dir={out}", *SETS)]
-
-
-def one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +113,7 @@ def test_killed_preprocess_to_s3_resumes_and_ends_with_identical_objects(data, s
 
 def test_mangled_s3_url_is_refused_and_writes_no_local_folder(data, tmp_path):
     proc = run(preprocess_cmd(data["raw"], "s3:/bucket/shards"), cwd=tmp_path, env=data["env"], check=False)
-    one_line_error(proc, "s3:/bucket/shards", "s3://BUCKET/PREFIX")
+    assert_only_error(proc, "s3:/bucket/shards", "s3://BUCKET/PREFIX")
     assert not any(tmp_path.iterdir())
 
 
@@ -142,19 +133,19 @@ def closed_port() -> int:
 
 
 def test_wrong_bucket_is_one_line_before_anything_starts(data, tmp_path):
-    one_line_error(train_cli(data, tmp_path, "s3://no-such-bucket/demo", data["env"]),
+    assert_only_error(train_cli(data, tmp_path, "s3://no-such-bucket/demo", data["env"]),
                    "bucket 'no-such-bucket' does not exist")
     assert not (tmp_path / "mlflow.db").exists()
 
 
 def test_missing_prefix_is_one_line(data, tmp_path):
-    one_line_error(train_cli(data, tmp_path, f"s3://{data['bucket']}/nothing-here", data["env"]),
+    assert_only_error(train_cli(data, tmp_path, f"s3://{data['bucket']}/nothing-here", data["env"]),
                    f"s3://{data['bucket']}/nothing-here: shards directory not found")
 
 
 def test_missing_credentials_are_one_line(data, tmp_path):
     env = {k: v for k, v in data["env"].items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
-    one_line_error(train_cli(data, tmp_path, data["url"], env), "no AWS credentials found")
+    assert_only_error(train_cli(data, tmp_path, data["url"], env), "no AWS credentials found")
 
 
 def test_unreachable_endpoint_is_retried_then_one_line(data, tmp_path):
@@ -171,7 +162,7 @@ def test_manifest_without_its_shards_is_one_line(data, s3_server, tmp_path):
     c = s3_server.client()
     manifest = c.get_object(Bucket=data["bucket"], Key="demo/manifest.json")["Body"].read()
     c.put_object(Bucket=data["bucket"], Key="lonely/manifest.json", Body=manifest)
-    one_line_error(train_cli(data, tmp_path, f"s3://{data['bucket']}/lonely", data["env"]),
+    assert_only_error(train_cli(data, tmp_path, f"s3://{data['bucket']}/lonely", data["env"]),
                    f"s3://{data['bucket']}/lonely/train-000000.tar: shard listed in the manifest is missing")
 
 
@@ -233,7 +224,7 @@ def test_corrupted_shard_object_is_one_line_naming_it(torchrun_job, data, s3_ser
         c.put_object(Bucket=bucket, Key=key.replace("demo/", "corrupt/"), Body=body)
     proc = run([sys.executable, "-m", "unet_dist.evaluate", "--model", torchrun_job["run"],
                 "--shards", f"s3://{bucket}/corrupt"], cwd=tmp_path, env=data["env"], check=False)
-    one_line_error(proc, f"s3://{bucket}/corrupt/val-000001.tar: sha256", "does not match the manifest")
+    assert_only_error(proc, f"s3://{bucket}/corrupt/val-000001.tar: sha256", "does not match the manifest")
 
 
 # -------------------------------------------------- ray job submit: S3 shards, checkpoints, artifacts
