@@ -249,9 +249,12 @@ def test_killed_sweep_driver_resumes_without_rerunning_finished_trials(small_sha
     assert summary["parent_run_id"] == parent and f"continuing MLflow run {parent}" in text
     assert "resuming sweep resume" in text
     assert len(summary["trials"]) == 3 and all(r["status"] != "error" for r in summary["trials"])
-    # The finished trial was not trained again; the cut one went on from its checkpoint.
-    assert len(re.findall(r"training 12 steps from step 0:", text)) <= 1, text[-4000:]
-    assert re.search(r"resumed from .*checkpoint_step-\d+ at step [48]", text), text[-4000:]
+    # The finished trial was not trained again; a cut one went on from its checkpoint. (The kill can
+    # land after ASHA stopped the second trial at its rung: then no trial needs to resume.)
+    starts = re.findall(r"training 12 steps from step (\d+):", text)
+    assert starts.count("0") <= 1, text[-4000:]
+    for step in (s for s in starts if s != "0"):
+        assert re.search(rf"resumed from .*checkpoint_step-\d+ at step {step}", text), text[-4000:]
     client = MlflowClient(mlflow_server)
     children = children_of(client, parent)
     assert len(children) == 3, "one child run per trial, none created twice"
