@@ -23,12 +23,13 @@ from torch.nn.parallel import DistributedDataParallel
 from unet_dist import labels, viz
 from unet_dist.config import Config, dump_yaml, to_dict
 from unet_dist.data import shards
-from unet_dist.data.loader import Augment, train_loader
+from unet_dist.data.loader import Augment
+from unet_dist.data.stream import train_stream
 from unet_dist.errors import UnetDistError
 from unet_dist.evaluate import evaluate_model
 from unet_dist.model import UNet, margin, output_size
 from unet_dist.tracking import NullLogger, RunLogger, file_sha256, git_commit
-from unet_dist.train import checkpoint
+from unet_dist.train import checkpoint, preemption
 
 log = logging.getLogger("unet_dist.train")
 
@@ -159,6 +160,7 @@ def _finite_state(model: torch.nn.Module) -> bool:
 
 def _save(step: int, cfg: Config, ctx: Context, model, optimizer, scheduler, metrics: dict, best: float):
     """Every rank calls this; rank 0 writes the checkpoint and the launcher publishes it."""
+    ranks = checkpoint.gather_rank_states(model, ctx.world_size)
     if ctx.rank != 0:
         ctx.report(metrics, None)
         return
@@ -170,6 +172,7 @@ def _save(step: int, cfg: Config, ctx: Context, model, optimizer, scheduler, met
             "step": step,
             "best_miou": best,
             "rng": checkpoint.rng_state(),
+            "ranks": ranks,  # each rank's RNG and BatchNorm statistics: an exact resume
         }
         manifest = Path(cfg.shards.dir) / "manifest.json"
         meta = {
@@ -180,6 +183,8 @@ def _save(step: int, cfg: Config, ctx: Context, model, optimizer, scheduler, met
             "mlflow_run_id": ctx.run_id,
             "world_size": ctx.world_size,
             "launcher": ctx.launcher,
+            "status": metrics.get("status"),
+            "data_position": step * cfg.train.accumulation,  # micro-batches each rank has taken
             "shards_manifest_sha256": file_sha256(manifest) if manifest.is_file() else None,
             "quantizer": str(Path(cfg.shards.dir) / "quantizer.json"),
         }
@@ -211,7 +216,9 @@ def train(cfg: Config, ctx: Context) -> dict:
             else:
                 optimizer.load_state_dict(state["optimizer"])
                 scheduler.load_state_dict(state["scheduler"])
-                checkpoint.set_rng_state(state["rng"])
+                exact = checkpoint.restore_rank_state(model, state, ctx.rank, ctx.world_size)
+                if not exact and ctx.rank == 0:
+                    log.warning("%s was written by another world size: the resume is not exact", ckpt_dir)
                 start_step, best = int(state["step"]), float(state["best_miou"])
                 ctx.resumed_from = str(ckpt_dir)
     _all_ranks_ok(not error, error, ctx, device)
@@ -231,9 +238,10 @@ def train(cfg: Config, ctx: Context) -> dict:
                   margin=margin(cfg.model.depth) if cfg.model.padding == "valid" else 0)
     train_urls = shards.shard_paths(cfg.shards.dir, manifest, "train")
     val_urls = shards.shard_paths(cfg.shards.dir, manifest, "val")
-    batches = iter(train_loader(
-        train_urls, aug, t.batch_size, rank=ctx.rank, seed=t.seed + 7 * start_step,
-        shuffle_buffer=t.shuffle_buffer, workers=t.loader_workers, pin_memory=device.type == "cuda"))
+    batches = iter(train_stream(
+        train_urls, aug, t.batch_size, rank=ctx.rank, world=ctx.world_size, seed=t.seed,
+        start=start_step * t.accumulation, workers=t.loader_workers, pin_memory=device.type == "cuda"))
+    preempt_group = preemption.cpu_group()
 
     tracker = RunLogger(cfg, ctx.run_id, resumed=start_step > 0) if ctx.rank == 0 and ctx.run_id else NullLogger()
     global_batch = t.batch_size * t.accumulation * ctx.world_size
@@ -279,7 +287,7 @@ def train(cfg: Config, ctx: Context) -> dict:
     window_t, window_images, loss_sum, loss_n = time.perf_counter(), 0, 0.0, 0
     last_scores: dict = {}
     status = "finished"
-    step = start_step
+    step = saved = start_step
     if start_step >= t.steps and ctx.rank == 0:
         log.info("run already complete at step %d: nothing to train", start_step)
     for step in range(start_step + 1, t.steps + 1):
@@ -337,20 +345,34 @@ def train(cfg: Config, ctx: Context) -> dict:
             if last_scores:
                 metrics["val_miou"] = last_scores["miou"]
             _save(step, cfg, ctx, model, optimizer, scheduler, metrics, best)
+            saved = step
+        if not last and preemption.agreed(ctx.world_size, preempt_group):
+            status = preemption.STATUS
+            if ctx.rank == 0:
+                log.info("preempted (%s): checkpoint at step %d, then stop", preemption.reason(), step)
+            if saved != step:  # no averaging here: the run must go on as if never stopped
+                _save(step, cfg, ctx, model, optimizer, scheduler,
+                      {"step": step, "best_miou": best, "status": status}, best)
+            if ctx.rank == 0:
+                log.info("preemption checkpoint at step %d published %.2f s after the request",
+                         step, preemption.seconds_since_request())
+            break
 
     wall = time.perf_counter() - t0
     # Every rank states what it ends with: DDP keeps replicas identical, and this line shows it.
     log.info("rank %d final weights sha256 %s", ctx.rank, weights_digest(model))
-    summary = {"status": status, "steps": step if status == "finished" else step - 1,
+    summary = {"status": status, "steps": step if status in ("finished", preemption.STATUS) else step - 1,
                "wall_s": round(wall, 1), "best_miou": best,
                "val_miou": last_scores.get("miou", float("nan")), "world_size": ctx.world_size,
                "resumed_from": ctx.resumed_from, "mlflow_run_id": ctx.run_id}
-    if status != "finished":
+    if status not in ("finished", preemption.STATUS):
         ctx.report({"step": step - 1, "status": status, "best_miou": best}, None)
     if ctx.rank == 0:
         if status == "finished" and cfg.mlflow.log_model and ctx.run_id and step > start_step:
             summary["model_uri"] = tracker.model(model, cfg, crop_for_example(cfg, crop))
-        tracker.close("FINISHED" if status == "finished" else "FAILED")
+        if status == preemption.STATUS:  # resumable: not FAILED
+            tracker.tags({"unet_dist.status": status, "unet_dist.preempted_at_step": step})
+        tracker.close({"finished": "FINISHED", preemption.STATUS: "KILLED"}.get(status, "FAILED"))
     return summary
 
 

@@ -1,0 +1,144 @@
+"""The training sample stream as a pure function of its position, so a resumed run sees exactly the
+samples (and the augmentation) an uninterrupted run would have seen.
+
+Position ``t`` (micro-batches taken by a rank) fixes everything: rank ``r`` of ``W`` takes the global
+sample positions ``p = (t * W + r) * B + j``; position ``p`` is sample ``perm_e[p % N]`` of epoch
+``e = p // N``, where ``perm_e`` is a permutation of all ``N`` train samples seeded by ``(seed, e)``.
+The augmentation of a sample draws from a generator seeded by ``(seed, e, crc32(key))``. Nothing
+depends on the number of loader workers, on which worker builds a batch, or on what came before:
+resuming at step ``k`` starts the stream at ``t = k * accumulation`` without reading, let alone
+decoding, the samples it skips.
+
+Samples are read by random access: the tar shards are uncompressed, so an index of each member's
+offset and size (built from the tar headers only) is enough to read one sample's bytes.
+"""
+from __future__ import annotations
+
+import itertools
+import signal
+import tarfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from unet_dist.data.loader import Augment, _collate, augment, decode_sample, normalize
+from unet_dist.errors import UnetDistError
+
+# A sample is (shard path, key, {member suffix: (offset, size)}).
+Sample = tuple[str, str, dict[str, tuple[int, int]]]
+
+
+def index_shards(urls: list[str]) -> list[Sample]:
+    """Every sample of ``urls`` in shard order, from the tar headers (no member data is read)."""
+    samples: list[Sample] = []
+    for url in urls:
+        by_key: dict[str, dict[str, tuple[int, int]]] = {}
+        try:
+            with tarfile.open(url, "r:") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    name = member.name.rsplit("/", 1)[-1]
+                    if "." not in name:
+                        continue
+                    folder = member.name[: len(member.name) - len(name)]
+                    stem, suffix = name.split(".", 1)  # webdataset's rule: the key ends at the first dot
+                    by_key.setdefault(folder + stem, {})[suffix] = (member.offset_data, member.size)
+        except (OSError, tarfile.TarError) as e:
+            raise UnetDistError(f"{url}: cannot index shard ({e})") from None
+        samples.extend((url, key, members) for key, members in by_key.items())
+    if not samples:
+        raise UnetDistError("no train samples to stream")
+    return samples
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    seed: int
+    rank: int
+    world: int
+    batch_size: int
+
+
+def positions(spec: StreamSpec, t: int, n: int) -> list[tuple[int, int]]:
+    """(epoch, sample index) of each sample in rank ``spec.rank``'s batch ``t``."""
+    first = (t * spec.world + spec.rank) * spec.batch_size
+    out = []
+    for p in range(first, first + spec.batch_size):
+        epoch, i = divmod(p, n)
+        out.append((epoch, int(epoch_order(spec.seed, epoch, n)[i])))
+    return out
+
+
+_orders: dict[tuple[int, int, int], np.ndarray] = {}
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    key = (seed, epoch, n)
+    if key not in _orders:
+        if len(_orders) > 4:
+            _orders.clear()
+        _orders[key] = np.random.default_rng([seed, epoch]).permutation(n)
+    return _orders[key]
+
+
+def augment_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
+    return np.random.default_rng([seed, epoch, zlib.crc32(key.encode())])
+
+
+class TrainBatches(torch.utils.data.Dataset):
+    """Map-style: item ``t`` is rank ``spec.rank``'s batch ``t``. Read with an in-order DataLoader,
+    any number of workers yields the same sequence."""
+
+    def __init__(self, samples: list[Sample], aug: Augment, spec: StreamSpec):
+        self.samples, self.aug, self.spec = samples, aug, spec
+        self._files: dict[str, object] = {}
+
+    def read(self, sample: Sample) -> dict:
+        url, key, members = sample
+        f = self._files.get(url)
+        if f is None:
+            if len(self._files) >= 8:  # a few open shards per worker
+                for old in self._files.values():
+                    old.close()
+                self._files.clear()
+            f = self._files[url] = open(url, "rb")
+        raw = {"__key__": key, "__url__": url}
+        for suffix, (offset, size) in members.items():
+            f.seek(offset)
+            raw[suffix] = f.read(size)
+        return raw
+
+    def __getitem__(self, t: int):
+        items = []
+        for epoch, i in positions(self.spec, t, len(self.samples)):
+            image, label, key = decode_sample(self.read(self.samples[i]))
+            image, label = augment(image, label, self.aug, augment_rng(self.spec.seed, epoch, key))
+            items.append((normalize(image), torch.from_numpy(label.astype(np.int64))))
+        return _collate(items)
+
+    def __getstate__(self):  # open files stay with the process that opened them
+        return {**self.__dict__, "_files": {}}
+
+
+def train_stream(urls: list[str], aug: Augment, batch_size: int, *, rank: int, world: int, seed: int,
+                 start: int, workers: int, pin_memory: bool) -> torch.utils.data.DataLoader:
+    """An endless iterator of (images, labels) batches for one rank, from micro-batch ``start`` on."""
+    spec = StreamSpec(seed=seed, rank=rank, world=world, batch_size=batch_size)
+    dataset = TrainBatches(index_shards(urls), aug, spec)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=None, sampler=itertools.count(start), num_workers=workers,
+        pin_memory=pin_memory, persistent_workers=workers > 0, worker_init_fn=_ignore_sigterm,
+        # Its own generator: creating the loader must not draw from the global torch RNG, whose
+        # state the checkpoint restores.
+        generator=torch.Generator().manual_seed(seed))
+
+
+def _ignore_sigterm(worker_id: int) -> None:
+    """Loader workers leave SIGTERM to their rank (torchrun signals the whole process group): the
+    rank checkpoints at the next step boundary and needs its batches until then. Workers still end
+    with the rank (the DataLoader's watchdog)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
