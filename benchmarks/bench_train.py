@@ -131,13 +131,13 @@ def run_bare(cfg, a, peak: RssPeak) -> tuple[list[float], int]:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     loss_fn = torch.nn.CrossEntropyLoss(ignore_index=labels.IGNORE)
     urls = sh.shard_paths(cfg.shards.dir, sh.load_manifest(cfg.shards.dir), "train")
-    batches = iter(L.train_loader(urls, L.Augment(tuple(t.crop), tuple(t.scale), t.flip), t.batch_size, rank=0,
-                                  seed=t.seed, shuffle_buffer=t.shuffle_buffer, workers=t.loader_workers,
-                                  pin_memory=False))
+    aug = L.Augment(tuple(t.crop), tuple(t.scale), t.flip)
+    batches = iter(L.train_loader(urls, aug, t.batch_size, rank=0, seed=t.seed, shuffle_buffer=t.shuffle_buffer,
+                                  workers=t.loader_workers, pin_memory=False))
     model.train()
     windows, t0, c0 = [], time.perf_counter(), time.process_time()
     for step in range(1, t.steps + 1):
-        images, target = next(batches)
+        images, target = L.to_device(next(batches), aug, torch.device("cpu"))
         loss = loss_fn(model(images), target)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)

@@ -75,7 +75,8 @@ def _reference_augment(image, label, crop, scale_range, rng):
 def test_crop_first_augment_matches_full_resize_then_crop():
     import numpy as np
 
-    from unet_dist.data.loader import Augment, augment
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from baseline_pipeline import Augment, augment  # the CPU augment the loader benchmark compares against
 
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (120, 160, 3), dtype=np.uint8)

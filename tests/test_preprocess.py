@@ -265,3 +265,31 @@ def test_manifest_helpers_name_a_missing_manifest_or_corrupt_shard(pairs, tmp_pa
     (out / "manifest.json").write_text("{")
     with pytest.raises(UnetDistError, match="not valid JSON"):
         sh.load_manifest(out)
+
+
+def test_jpeg_tile_encoding_is_recorded_with_its_pixel_error_and_labels_stay_exact(cityscapes, tmp_path):
+    from unet_dist.data.loader import decode_sample
+
+    png, jpeg = tmp_path / "png", tmp_path / "jpeg"
+    run(_cfg(cityscapes, png, "data.layout=cityscapes", "data.label_source=labelIds", "shards.photo_encoding=png"))
+    run(_cfg(cityscapes, jpeg, "data.layout=cityscapes", "data.label_source=labelIds",
+             "shards.photo_encoding=jpeg", "shards.jpeg_quality=90", "shards.photo_tile=[32,64]"))
+    m = sh.load_manifest(jpeg)
+    assert m["photos"]["encoding"] == "jpeg" and m["photos"]["jpeg_quality"] == 90 and m["photos"]["tile"] == [32, 64]
+    assert m["labels"]["encoding"] == "png"
+    err = m["photos"]["error_vs_source"]["train"]
+    assert 0 < err["mean_abs_error"] < 8 and err["psnr_db"] > 25 and err["values"] == 6 * 64 * 128 * 3
+    assert sh.load_manifest(png)["photos"]["error_vs_source"]["train"] is None  # lossless: nothing to report
+    both = zip(*(wds.WebDataset(sh.shard_paths(d, sh.load_manifest(d), "train"), shardshuffle=False)
+                 for d in (png, jpeg)))
+    for exact, tiled in both:
+        assert "image.tiles" in tiled and "image.jpg" not in tiled
+        a, la, _ = decode_sample(exact)
+        b, lb, _ = decode_sample(tiled)
+        np.testing.assert_array_equal(la, lb)  # labels lossless whatever the photo encoding
+        assert a.shape == b.shape and np.abs(a.astype(int) - b).mean() < 8
+
+
+def test_unknown_photo_encoding_is_one_error_naming_the_key(tmp_path):
+    with pytest.raises(UnetDistError, match="shards.photo_encoding"):
+        load_config(None, ["shards.photo_encoding=webp"])

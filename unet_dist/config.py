@@ -42,6 +42,14 @@ class ShardsConfig:
     dir: str = "shards/demo"
     samples_per_shard: int = 64
     processes: int = 0  # preprocess worker processes; 0 = one per core
+    # How photos are stored (labels are always lossless PNG): source = the source file's bytes when
+    # not resized, else JPEG q95 | jpeg = JPEG at jpeg_quality (pixel error vs the source recorded in
+    # the manifest) | png = lossless. docs/input_pipeline.md has the costs per sample.
+    photo_encoding: str = "source"
+    jpeg_quality: int = 95  # photo_encoding jpeg only
+    # photo_encoding jpeg only: [height, width] of independently decodable JPEG tiles, so the
+    # loader decodes only the tiles under its crop; null = one JPEG per photo
+    photo_tile: Optional[list[int]] = None
 
 
 @dataclass
@@ -113,6 +121,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.layout": ("pairs", "cityscapes"),
     "data.label_source": ("color", "labelIds"),
     "data.on_bad_input": ("fail", "skip"),
+    "shards.photo_encoding": ("source", "jpeg", "png"),
     "model.padding": ("same", "valid"),
     "train.optimizer": ("adamw", "sgd"),
     "train.schedule": ("cosine", "poly", "constant"),

@@ -24,6 +24,7 @@ import re
 import signal
 import sys
 import time
+import dataclasses
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -58,6 +59,9 @@ class Job:
     resize: Optional[tuple[int, int]]
     quantizer_json: Optional[str] = None
     quantizer_sha: Optional[str] = None
+    photo_encoding: str = "source"  # shards.photo_encoding
+    jpeg_quality: int = sh.JPEG_QUALITY
+    photo_tile: Optional[tuple[int, int]] = None
 
 
 @dataclass(frozen=True)
@@ -158,7 +162,7 @@ def _unit_task(unit: Unit) -> dict:
     out = Path(job.out)
     rec = {"fingerprint": unit.fingerprint, "name": unit.name, "split": unit.split, "samples": 0,
            "sha256": None, "bytes": 0, "far_pixels": 0, "agree": [0, 0], "sizes": [],
-           "skipped": [], "notes": []}
+           "skipped": [], "notes": [], "photo_error": [0, 0, 0]}  # sum |d|, sum d^2, values
     counts = np.zeros(256, dtype=np.int64)
     sizes: set[tuple[int, int]] = set()
 
@@ -181,7 +185,14 @@ def _unit_task(unit: Unit) -> dict:
                 if dec.truth is not None:
                     rec["agree"][0] += int((ids == _ID_LUT[dec.truth]).sum())
                     rec["agree"][1] += int(ids.size)
-            if job.resize:
+            if job.photo_encoding != "source":
+                rgb = sh.resize_photo(dec.photo, job.resize) if job.resize else dec.photo
+                photo, ext = sh.encode_photo(rgb, job.photo_encoding, job.jpeg_quality, job.photo_tile), ""
+                if job.resize:
+                    ids = sh.resize_label(ids, job.resize)
+                if job.photo_encoding == "jpeg":
+                    _add_photo_error(rec["photo_error"], rgb, photo)
+            elif job.resize:
                 photo, ext = sh.encode_jpeg(sh.resize_photo(dec.photo, job.resize)), "jpg"
                 ids = sh.resize_label(ids, job.resize)
             elif dec.photo_bytes is not None:
@@ -205,6 +216,26 @@ def _unit_task(unit: Unit) -> dict:
     rec["sizes"] = sorted([int(h), int(w)] for h, w in sizes)
     sh.write_json_atomic(out / PROGRESS / f"{unit.name}.json", rec)
     return rec
+
+
+def _add_photo_error(acc: list, rgb: np.ndarray, members: list[tuple[str, bytes]]) -> None:
+    """Add the stored photo's pixel error against the source pixels (what a lossless PNG keeps)."""
+    from unet_dist.data.loader import decode_photo  # the loader's own decoder: what training sees
+
+    d = decode_photo(dict(members)).astype(np.int16) - rgb
+    acc[0] += int(np.abs(d).sum())
+    acc[1] += int((d.astype(np.int32) ** 2).sum())
+    acc[2] += int(d.size)
+
+
+def photo_error(acc: list) -> Optional[dict]:
+    """Mean absolute error (grey levels) and PSNR (dB) of stored photos against their source pixels."""
+    total, sq, n = acc
+    if not n:
+        return None
+    mse = sq / n
+    return {"mean_abs_error": round(total / n, 4),
+            "psnr_db": round(10 * math.log10(255**2 / mse), 2) if mse else None, "values": n}
 
 
 def _run_tasks(fn: Callable, tasks: list, processes: int, job: Job) -> Iterator:
@@ -267,11 +298,26 @@ def _fit(cfg: Config, job: Job, train: list[Sample], out: Path, processes: int) 
     return q, {"reused": False, "sample_s": t1 - t0, "fit_s": t2 - t1}
 
 
+LABEL_STORAGE = {"encoding": "png", "filter": "none", "zlib_level": sh.LABEL_LEVEL}  # always lossless
+
+
+def photo_storage(cfg: Config) -> dict:
+    """How photos are stored, as the manifest records it."""
+    enc = cfg.shards
+    out: dict = {"encoding": enc.photo_encoding}
+    if enc.photo_encoding == "jpeg":
+        out.update(jpeg_quality=enc.jpeg_quality, tile=list(enc.photo_tile) if enc.photo_tile else None)
+    elif enc.photo_encoding == "source":
+        out["note"] = "source bytes when not resized, else JPEG q95"
+    return out
+
+
 def _plan(cfg: Config, samples: dict[str, list[Sample]], q_sha: Optional[str]) -> list[Unit]:
     d = cfg.data
     root = Path(d.root)
     base = {"format": sh.FORMAT, "layout": d.layout, "label_source": d.label_source,
-            "resize": d.resize, "quantizer": q_sha, "versions": versions()}
+            "resize": d.resize, "quantizer": q_sha, "versions": versions(), "photos": photo_storage(cfg),
+            "labels": LABEL_STORAGE}
     n = cfg.shards.samples_per_shard
     units = []
     for split in SPLITS:
@@ -330,7 +376,14 @@ def run(cfg: Config) -> dict:
         raise UnetDistError(f"data.resize: expected [height, width] of positive ints or null, got {d.resize}")
     processes = cfg.shards.processes or os.cpu_count() or 1
     resize = tuple(d.resize) if d.resize else None
-    job = Job(str(d.root), str(out), d.label_source, d.on_bad_input, resize)
+    enc = cfg.shards
+    if not 1 <= enc.jpeg_quality <= 100:
+        raise UnetDistError(f"shards.jpeg_quality: expected 1..100, got {enc.jpeg_quality}")
+    if enc.photo_tile is not None and (len(enc.photo_tile) != 2 or min(enc.photo_tile) < 16):
+        raise UnetDistError(f"shards.photo_tile: expected [height, width] of ints >= 16 or null, got {enc.photo_tile}")
+    tile = tuple(enc.photo_tile) if enc.photo_tile and enc.photo_encoding == "jpeg" else None
+    job = Job(str(d.root), str(out), d.label_source, d.on_bad_input, resize,
+              photo_encoding=enc.photo_encoding, jpeg_quality=enc.jpeg_quality, photo_tile=tile)
     _clean_start(out)
     log.info("%s layout at %s: %s", d.layout, d.root, ", ".join(f"{s} {len(v)} samples" for s, v in samples.items()))
 
@@ -339,7 +392,7 @@ def run(cfg: Config) -> dict:
     if d.label_source == "color":
         q, fit_info = _fit(cfg, job, samples["train"], out, processes)
         q_sha = sh.sha256_file(out / QUANTIZER)
-        job = Job(job.root, job.out, job.label_source, job.on_bad_input, resize, q.to_json(), q_sha)
+        job = dataclasses.replace(job, quantizer_json=q.to_json(), quantizer_sha=q_sha)
     else:
         (out / QUANTIZER).unlink(missing_ok=True)
 
@@ -414,6 +467,11 @@ def _manifest(cfg: Config, units: list[Unit], records: dict, q_sha: Optional[str
         "image_size": image_size,
         "quantizer": {"file": QUANTIZER, "sha256": q_sha} if q_sha else None,
         "label_source": cfg.data.label_source,
+        "photos": {**photo_storage(cfg), "error_vs_source": {
+            split: photo_error([sum(v) for v in zip(*(records[u.name].get("photo_error", [0, 0, 0])
+                                                      for u in units if u.split == split))] or [0, 0, 0])
+            for split in SPLITS}},
+        "labels": LABEL_STORAGE,
         "config": to_dict(cfg),
         "versions": versions(),
         "skipped": skipped,

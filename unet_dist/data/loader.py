@@ -9,15 +9,17 @@ are exact for any world size.
 from __future__ import annotations
 
 import io
-import math
 from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
+import simplejpeg
 import torch
+import torch.nn.functional as F
 import webdataset as wds
 from PIL import Image
 
+from unet_dist.data import shards
 from unet_dist.errors import UnetDistError
 from unet_dist.labels import IGNORE
 
@@ -33,27 +35,88 @@ class Augment:
     margin: int = 0  # extra context per side for 'valid' padding (mirror-padded)
 
 
-def decode_sample(sample: dict) -> tuple[np.ndarray, np.ndarray, str]:
-    """Photo (H, W, 3) uint8 and label (H, W) uint8 trainIds from one shard sample."""
+def _photo_members(sample: dict) -> dict[str, bytes]:
+    return {k: v for k, v in sample.items() if k.startswith("image.")}
+
+
+def photo_size(members: dict[str, bytes]) -> tuple[int, int]:
+    """(height, width) of a stored photo from its header alone (no pixel decoding)."""
+    if "image.tiles" in members:
+        return shards.unpack_tiles(members["image.tiles"])[0]
+    data = members.get("image.jpg")
+    if data is not None and data[:2] == b"\xff\xd8":
+        h, w, _, _ = simplejpeg.decode_jpeg_header(data)
+        return h, w
+    w, h = Image.open(io.BytesIO(data or members["image.png"])).size
+    return h, w
+
+
+def _rgb(data: bytes) -> np.ndarray:
+    """A JPEG through simplejpeg (libjpeg-turbo straight into numpy: ~25% less CPU than Pillow's
+    decode + copy), with the fast integer IDCT and plain chroma upsampling: another 25% less for
+    0.5 dB of PSNR (benchmarks/bench_loader.py); anything else through Pillow."""
+    if data[:2] == b"\xff\xd8":
+        return simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=True, fastupsample=True)
+    photo = Image.open(io.BytesIO(data))
+    return np.asarray(photo if photo.mode == "RGB" else photo.convert("RGB"))  # no extra copy
+
+
+def decode_photo(members: dict[str, bytes], box: tuple[int, int, int, int] | None = None) -> np.ndarray:
+    """The photo (H, W, 3) uint8, or only its ``box`` = (y0, x0, y1, x1). Tiles (``image.tiles``)
+    are decoded only where the box touches them; a single PNG or JPEG is decoded whole and sliced."""
+    if "image.tiles" not in members:
+        image = _rgb(members.get("image.jpg") or members["image.png"])
+        return image if box is None else image[box[0]:box[2], box[1]:box[3]]
+    (h, w), tiles = shards.unpack_tiles(members["image.tiles"])
+    y0, x0, y1, x1 = box or (0, 0, h, w)
+    out = np.empty((y1 - y0, x1 - x0, 3), np.uint8)
+    for ty, tx, ty1, tx1, data in tiles:
+        a, b, c, d = max(y0, ty), min(y1, ty1), max(x0, tx), min(x1, tx1)
+        if a < b and c < d:  # tiles not under the box are never decoded
+            out[a - y0:b - y0, c - x0:d - x0] = _rgb(data)[a - ty:b - ty, c - tx:d - tx]
+    return out
+
+
+def decode_label(data: bytes, box: tuple[int, int, int, int] | None = None) -> np.ndarray:
+    """Label trainIds (H, W) uint8, or only their ``box``. Labels are decoded by hand: a generic
+    "rgb8" decoder would turn them into 3 channels. An unfiltered PNG (what preprocess writes)
+    inflates only up to the box's last row; any other PNG goes through Pillow."""
+    label = shards.decode_label_rows(data, *((box[0], box[2]) if box else ()))
+    if label is not None:
+        return label if box is None else label[:, box[1]:box[3]]
+    label = np.asarray(Image.open(io.BytesIO(data)))
+    return label if box is None else label[box[0]:box[2], box[1]:box[3]]
+
+
+def decode_sample(sample: dict, aug: Augment | None = None,
+                  rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray, object]:
+    """Photo (H, W, 3) uint8 and label (H, W) uint8 trainIds from one shard sample, and its key.
+    With ``aug``: a random :class:`Plan` (drawn from ``rng`` when given) instead of the key, and
+    only the pixels under its box."""
     key = sample.get("__key__", "?")
     where = f"{sample.get('__url__', 'shard')}: sample {key}"
-    raw = sample.get("image.jpg") or sample.get("image.png")
-    if raw is None or "label.png" not in sample:
-        raise UnetDistError(f"{where}: expected members image.jpg|image.png and label.png")
+    photo = _photo_members(sample)
+    if not photo or "label.png" not in sample:
+        raise UnetDistError(f"{where}: expected members image.jpg|image.png|image.tiles and label.png")
     try:
-        photo = Image.open(io.BytesIO(raw))
-        image = np.asarray(photo if photo.mode == "RGB" else photo.convert("RGB"))  # no extra copy
-        # Labels are decoded by hand: a generic "rgb8" decoder would turn them into 3 channels.
-        label = np.asarray(Image.open(io.BytesIO(sample["label.png"])))
-    except OSError as e:
+        plan = box = None
+        if aug is not None:
+            # np.random is seeded per loader worker from torch's seed (see _seed_numpy), so runs repeat.
+            rng = rng if rng is not None else np.random.default_rng(np.random.randint(2**31))
+            plan = draw_plan(*photo_size(photo), aug, rng)
+            box = plan.box
+        image = decode_photo(photo, box)
+        label = decode_label(sample["label.png"], box)
+    except (OSError, ValueError, KeyError) as e:
         raise UnetDistError(f"{where}: cannot decode image ({e})") from None
     if label.ndim != 2 or label.shape != image.shape[:2]:
         raise UnetDistError(f"{where}: label {label.shape} does not match image {image.shape[:2]}")
-    return image, label, key
+    return image, label, key if plan is None else plan
 
 
 def normalize(image: np.ndarray) -> torch.Tensor:
-    """(H, W, 3) uint8 -> (3, H, W) float32, ImageNet mean/std.
+    """(H, W, 3) uint8 -> (3, H, W) float32, ImageNet mean/std (evaluation and prediction; training
+    batches are normalised on the device by :func:`to_device`).
 
     Transposed while still uint8, then normalised in place per channel plane: the same float32
     values as ``(image - MEAN) / STD``, several times faster (benchmarks/bench_loader.py).
@@ -64,82 +127,113 @@ def normalize(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(x)
 
 
-def augment(image: np.ndarray, label: np.ndarray, aug: Augment, rng: np.random.Generator):
-    """Random scale, crop and flip, applied identically to photo and label (label: nearest only)."""
-    h, w = label.shape
+# --------------------------------------------------------------------------------- augmentation
+# The loader worker only draws the random scale, window and flip, and decodes the source pixels
+# under the window; resampling, padding, flipping and normalising run on the training device
+# (to_device), where they cost next to nothing. The worker ships uint8: a quarter of float32's bytes.
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One sample's augmentation: the source ``box`` (y0, x0, y1, x1) is resampled to ``size``
+    (h, w) and placed at ``offset`` (top, left) of the window (padding around it when the scaled
+    image is smaller than the window), then flipped left-right if ``flip``."""
+
+    box: tuple[int, int, int, int]
+    size: tuple[int, int]
+    offset: tuple[int, int]
+    flip: bool
+
+
+def draw_plan(height: int, width: int, aug: Augment, rng: np.random.Generator) -> Plan:
+    """Random scale in ``aug.scale``, a window of the crop (+ ``margin`` context per side) at a
+    uniformly random place of the scaled image, and a coin for the flip."""
     s = rng.uniform(*aug.scale)
-    nh, nw = max(1, round(h * s)), max(1, round(w * s))
-    ch, cw = aug.crop
+    box, size, offset = [], [], []
+    for extent, crop in ((height, aug.crop[0] + 2 * aug.margin), (width, aug.crop[1] + 2 * aug.margin)):
+        span = max(1, round(crop / s))  # source pixels under the window
+        if span <= extent:
+            start = int(rng.integers(0, extent - span + 1))
+            box.append((start, start + span)), size.append(crop), offset.append(0)
+        else:  # the scaled image is smaller than the window: all of it, padded at a random place
+            out = max(1, min(crop, round(extent * s)))
+            box.append((0, extent)), size.append(out), offset.append(int(rng.integers(0, crop - out + 1)))
+    flip = bool(aug.flip and rng.random() < 0.5)
+    (y0, y1), (x0, x1) = box
+    return Plan((y0, x0, y1, x1), tuple(size), tuple(offset), flip)
+
+
+def _plan_row(plan: Plan) -> list[int]:
+    return [*plan.size, *plan.offset, int(plan.flip)]
+
+
+def _device_constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    key = str(device)
+    if key not in _CONSTANTS:  # made once per device: no host-to-device copy per step
+        _CONSTANTS[key] = (torch.tensor(MEAN, device=device).view(1, 3, 1, 1),
+                           torch.tensor(STD, device=device).view(1, 3, 1, 1))
+    return _CONSTANTS[key]
+
+
+_CONSTANTS: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def to_device(batch, aug: Augment, device: torch.device, channels_last: bool = False):
+    """A loader batch (uint8 source regions, uint8 labels, plans) -> normalised float32 images
+    (B, 3, H, W) and int64 labels (B, h, w) on ``device``: the photo resampled bilinearly (with
+    antialiasing when shrinking), the label by nearest source pixel centre, padding reflected for
+    the photo and ``IGNORE`` for the label, then the flip. Runs the same on CPU (tests) and GPU;
+    no host synchronisation (copies are non-blocking from pinned memory, sizes come from the plans)."""
+    photos, labels, plans = batch
+    wh, ww = aug.crop[0] + 2 * aug.margin, aug.crop[1] + 2 * aug.margin
     m = aug.margin
-    if nh >= ch and nw >= cw:  # no padding: the crop window is drawn before any resampling
-        y = int(rng.integers(0, nh - ch + 1))
-        x = int(rng.integers(0, nw - cw + 1))
-        if y >= m and x >= m and y + ch + m <= nh and x + cw + m <= nw:
-            image, label = _scaled_window(image, label, (nh, nw), (y - m, x - m), (ch + 2 * m, cw + 2 * m), m)
-            return _flip(image, label, aug, rng)
-        image, label = _scaled(image, label, nh, nw)
-    else:
-        image, label = _scaled(image, label, nh, nw)
-        ph, pw = max(0, ch - nh), max(0, cw - nw)  # smaller than the crop: pad, labels with ignore
-        image = np.pad(image, ((0, ph), (0, pw), (0, 0)), mode="reflect" if ph < nh and pw < nw else "edge")
-        label = np.pad(label, ((0, ph), (0, pw)), constant_values=IGNORE)
-        y = int(rng.integers(0, label.shape[0] - ch + 1))
-        x = int(rng.integers(0, label.shape[1] - cw + 1))
-    if m:  # 'valid' padding: the photo window carries `m` pixels of mirrored context per side
-        image = np.pad(image, ((m, m), (m, m), (0, 0)), mode="symmetric")
-    image = image[y : y + ch + 2 * m, x : x + cw + 2 * m]
-    label = label[y : y + ch, x : x + cw]
-    return _flip(image, label, aug, rng)
+    xs, ys = [], []
+    for photo, label, (oh, ow, top, left, flip) in zip(photos, labels, plans.tolist()):
+        x = photo.to(device, non_blocking=True).permute(2, 0, 1).unsqueeze(0).float()
+        y = label.to(device, non_blocking=True)
+        sh, sw = y.shape
+        if (oh, ow) != (sh, sw):
+            x = F.interpolate(x, size=(oh, ow), mode="bilinear", align_corners=False,
+                              antialias=oh < sh or ow < sw)
+            rows = (2 * torch.arange(oh, device=device) + 1) * sh // (2 * oh)
+            cols = (2 * torch.arange(ow, device=device) + 1) * sw // (2 * ow)
+            y = y[rows[:, None], cols]
+        if (oh, ow) != (wh, ww):
+            pads = (left, ww - ow - left, top, wh - oh - top)
+            mode = "reflect" if max(pads[:2]) < ow and max(pads[2:]) < oh else "replicate"
+            x = F.pad(x, pads, mode=mode)
+            y = F.pad(y, pads, value=IGNORE)
+        if flip:
+            x, y = x.flip(-1), y.flip(-1)
+        xs.append(x)
+        ys.append(y[m:wh - m, m:ww - m] if m else y)
+    mean, std = _device_constants(device)
+    images = (torch.cat(xs) - mean) / std
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, torch.stack(ys).long()
 
 
-def _scaled(image: np.ndarray, label: np.ndarray, nh: int, nw: int):
-    if (nh, nw) != label.shape:
-        image = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR))
-        label = np.asarray(Image.fromarray(label).resize((nw, nh), Image.NEAREST))
-    return image, label
+def _train_sample(aug: Augment, sample: dict):
+    """Decode only what the window needs; ship uint8 (augmented on the device by to_device)."""
+    image, label, plan = decode_sample(sample, aug)
+    return _tensor(image), _tensor(label), torch.tensor(_plan_row(plan))
 
 
-def _scaled_window(image, label, size, top_left, window, m):
-    """The (window) photo region at (top_left) of the image scaled to ``size``, and the label
-    region ``m`` pixels inside it, resampled directly: only the crop is interpolated, not the whole
-    scaled image (benchmarks/bench_loader.py: the augment step several times faster). Photo pixels
-    match a full resize then crop up to float rounding of the sample positions (a grey level or two)."""
-    (nh, nw), (y, x), (wh, ww) = size, top_left, window
-    h, w = label.shape
-    if (nh, nw) == (h, w):
-        return image[y : y + wh, x : x + ww], label[y + m : y + wh - m, x + m : x + ww - m]
-    sy, sx = h / nh, w / nw
-    # Only the source region under the window (plus the filter's reach, <= max(1, 1/scale) pixels)
-    # goes to PIL: converting the whole photo into a PIL image costs more than the resize itself.
-    reach = math.ceil(max(sx, sy, 1.0)) + 1
-    y0, x0 = max(0, math.floor(y * sy) - reach), max(0, math.floor(x * sx) - reach)
-    y1, x1 = min(h, math.ceil((y + wh) * sy) + reach), min(w, math.ceil((x + ww) * sx) + reach)
-    box = (x * sx - x0, y * sy - y0, (x + ww) * sx - x0, (y + wh) * sy - y0)
-    region = Image.fromarray(np.ascontiguousarray(image[y0:y1, x0:x1]))
-    image = np.asarray(region.resize((ww, wh), Image.BILINEAR, box=box))
-    # Nearest neighbour by index: the source pixel under each target pixel centre, floor((i + 0.5)
-    # * h / nh) in exact integer arithmetic (PIL's own NEAREST rounds in fixed point).
-    rows = (2 * np.arange(y + m, y + wh - m) + 1) * h // (2 * nh)
-    cols = (2 * np.arange(x + m, x + ww - m) + 1) * w // (2 * nw)
-    return image, label[rows[:, None], cols]
+def _tensor(a: np.ndarray) -> torch.Tensor:
+    """A tensor of ``a`` (a copy only when ``a`` is a read-only or strided view of a decoded image)."""
+    a = np.ascontiguousarray(a)
+    return torch.from_numpy(a if a.flags.writeable else a.copy())
 
 
-def _flip(image: np.ndarray, label: np.ndarray, aug: Augment, rng: np.random.Generator):
-    if aug.flip and rng.random() < 0.5:
-        image, label = image[:, ::-1], label[:, ::-1]
-    return image, label
+def _train_collate(batch):
+    photos, labels, plans = zip(*batch)
+    return list(photos), list(labels), torch.stack(plans)
 
 
 def _worker_seed(base: int, rank: int) -> int:
     info = torch.utils.data.get_worker_info()
     return base * 1_000_003 + rank * 1000 + (info.id if info else 0)
-
-
-def _train_sample(aug: Augment, sample: dict):
-    image, label, _ = decode_sample(sample)
-    # np.random is seeded per loader worker from torch's seed (see _seed_numpy), so runs repeat.
-    image, label = augment(image, label, aug, np.random.default_rng(np.random.randint(2**31)))
-    return normalize(image), torch.from_numpy(label.astype(np.int64))
 
 
 def _eval_sample(sample: dict):
@@ -153,7 +247,8 @@ def _collate(batch):
 
 def train_loader(urls: list[str], aug: Augment, batch_size: int, *, rank: int, seed: int,
                  shuffle_buffer: int, workers: int, pin_memory: bool) -> wds.WebLoader:
-    """An endless stream of (images, labels) batches for one rank."""
+    """An endless stream of batches for one rank: lists of uint8 source regions and labels, and
+    the plans that :func:`to_device` applies on the training device."""
     if not urls:
         raise UnetDistError("no train shards to stream")
     worker_seed = partial(_worker_seed, seed, rank)
@@ -162,7 +257,7 @@ def train_loader(urls: list[str], aug: Augment, batch_size: int, *, rank: int, s
         wds.tarfile_to_samples(),
         wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 16), seed=seed * 7919 + rank),
         wds.map(partial(_train_sample, aug)),
-        wds.batched(batch_size, collation_fn=_collate, partial=False),
+        wds.batched(batch_size, collation_fn=_train_collate, partial=False),
     )
     return wds.WebLoader(pipeline, batch_size=None, num_workers=workers, pin_memory=pin_memory,
                          persistent_workers=workers > 0, worker_init_fn=_seed_numpy)

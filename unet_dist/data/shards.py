@@ -11,7 +11,9 @@ import hashlib
 import io
 import json
 import os
+import struct
 import tarfile
+import zlib
 from pathlib import Path
 from typing import Iterable
 
@@ -24,6 +26,9 @@ MANIFEST = "manifest.json"
 FORMAT = 1
 JPEG_QUALITY = 95
 PNG_LEVEL = 6
+LABEL_LEVEL = 1  # zlib level of label PNGs: inflates ~2x faster than level 6 (benchmarks/bench_loader.py)
+LABEL_BLOCK = 64  # label rows between deflate flush points: a crop inflates only the blocks it needs
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def shard_name(split: str, index: int) -> str:
@@ -40,11 +45,122 @@ def tmp_path(path: str | Path) -> Path:
     return path.with_name(f".{path.name}.tmp")
 
 
-def encode_jpeg(rgb: np.ndarray) -> bytes:
+def encode_jpeg(rgb: np.ndarray, quality: int = JPEG_QUALITY) -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="JPEG", quality=JPEG_QUALITY, subsampling=2,
+    Image.fromarray(rgb).save(buf, format="JPEG", quality=quality, subsampling=2,
                               optimize=False, progressive=False)
     return buf.getvalue()
+
+
+TILES_MAGIC = b"unet-dist jpeg tiles 1\n"
+
+
+def encode_photo(rgb: np.ndarray, encoding: str, quality: int, tile: tuple[int, int] | None) -> list[tuple[str, bytes]]:
+    """``(suffix, bytes)`` members of one photo: ``image.png``, ``image.jpg``, or ``image.tiles``
+    (:func:`pack_tiles`: a grid of JPEG tiles in one member, so a loader decodes only the tiles
+    under its crop; one tar member, because each member costs the tar reader ~0.1 ms)."""
+    if encoding == "png":
+        return [("image.png", encode_png(rgb))]
+    h, w = rgb.shape[:2]
+    if not tile or (tile[0] >= h and tile[1] >= w):
+        return [("image.jpg", encode_jpeg(rgb, quality))]
+    th, tw = tile
+    jpegs = [encode_jpeg(np.ascontiguousarray(rgb[y:y + th, x:x + tw]), quality)
+             for y in range(0, h, th) for x in range(0, w, tw)]
+    return [("image.tiles", pack_tiles((h, w), (th, tw), jpegs))]
+
+
+def pack_tiles(size: tuple[int, int], tile: tuple[int, int], jpegs: list[bytes]) -> bytes:
+    """A magic line, a 4-byte big-endian length, a JSON header (photo size, tile size, byte length of
+    each tile, row-major), then the tiles' JPEG files back to back."""
+    head = json.dumps({"height": size[0], "width": size[1], "tile": list(tile),
+                       "lengths": [len(j) for j in jpegs]}, separators=(",", ":")).encode()
+    return TILES_MAGIC + struct.pack(">I", len(head)) + head + b"".join(jpegs)
+
+
+def unpack_tiles(data: bytes) -> tuple[tuple[int, int], list[tuple[int, int, int, int, memoryview]]]:
+    """(height, width) and ``(y0, x0, y1, x1, jpeg)`` per tile of :func:`pack_tiles`' bytes."""
+    if not data.startswith(TILES_MAGIC):
+        raise ValueError("not a jpeg tiles member")
+    at = len(TILES_MAGIC)
+    (n,) = struct.unpack(">I", data[at:at + 4])
+    head = json.loads(data[at + 4:at + 4 + n])
+    h, w, (th, tw) = head["height"], head["width"], head["tile"]
+    pos, view, tiles = at + 4 + n, memoryview(data), []
+    grid = ((y, x) for y in range(0, h, th) for x in range(0, w, tw))
+    for (y, x), length in zip(grid, head["lengths"]):
+        tiles.append((y, x, min(h, y + th), min(w, x + tw), view[pos:pos + length]))
+        pos += length
+    return (h, w), tiles
+
+
+def encode_label_png(ids: np.ndarray) -> bytes:
+    """A standard 8-bit greyscale PNG with every row unfiltered (filter type 0) and the deflate
+    stream fully flushed every ``LABEL_BLOCK`` rows, the byte offsets of those points kept in a
+    private ancillary chunk (``unIx``, which PNG readers skip). Any PNG reader opens it;
+    :func:`decode_label_rows` inflates only the blocks a crop's rows need, several times faster than
+    a general PNG decoder (benchmarks/bench_loader.py)."""
+    h, w = ids.shape
+    rows = np.zeros((h, w + 1), np.uint8)
+    rows[:, 1:] = ids
+    deflate = zlib.compressobj(LABEL_LEVEL)
+    parts, offsets, size = [], [], 0
+    for y in range(0, h, LABEL_BLOCK):
+        part = deflate.compress(rows[y:y + LABEL_BLOCK].tobytes())
+        part += deflate.flush(zlib.Z_FULL_FLUSH if y + LABEL_BLOCK < h else zlib.Z_FINISH)
+        offsets.append(size + (2 if y == 0 else 0))  # block 0 starts after the 2-byte zlib header
+        parts.append(part)
+        size += len(part)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)
+    index = struct.pack(f">I{len(offsets)}I", LABEL_BLOCK, *offsets)
+    return (PNG_SIGNATURE + chunk(b"IHDR", ihdr) + chunk(b"unIx", index) + chunk(b"IDAT", b"".join(parts))
+            + chunk(b"IEND", b""))
+
+
+def decode_label_rows(data: bytes, start: int = 0, stop: int | None = None) -> np.ndarray | None:
+    """Rows ``[start, stop)`` of an unfiltered 8-bit greyscale PNG (:func:`encode_label_png`), or
+    None when the PNG is of another kind (filtered rows, other bit depth or colour type): the caller
+    then uses a general decoder. Labels of older shards take that path."""
+    if data[:8] != PNG_SIGNATURE or data[12:16] != b"IHDR":
+        return None
+    w, h, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", data[16:29])
+    if depth != 8 or colour != 0 or interlace != 0:
+        return None
+    stop = h if stop is None else min(h, stop)
+    idat, index, pos = [], None, 8
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        if kind == b"IDAT":
+            idat.append(data[pos + 8:pos + 8 + length])
+        elif kind == b"unIx":
+            index = data[pos + 8:pos + 8 + length]
+        elif kind == b"IEND":
+            break
+        pos += 12 + length
+    stream = b"".join(idat)
+    first = 0
+    if index is not None and start > 0:  # begin at the flush point at or above `start`
+        block = struct.unpack(">I", index[:4])[0]
+        first = start // block * block
+        at = struct.unpack(">I", index[4 + 4 * (first // block):8 + 4 * (first // block)])[0]
+        inflate, stream = zlib.decompressobj(-15), stream[at:]
+    else:
+        inflate = zlib.decompressobj()
+    need = (w + 1) * (stop - first)
+    try:
+        raw = inflate.decompress(stream, need)
+    except zlib.error:
+        return None
+    if len(raw) < need:
+        return None
+    rows = np.frombuffer(raw, np.uint8).reshape(stop - first, w + 1)
+    if rows[:, 0].any():  # some row is filtered: not ours to shortcut
+        return None
+    return rows[start - first:, 1:]
 
 
 def encode_png(arr: np.ndarray) -> bytes:
@@ -65,13 +181,15 @@ def resize_label(ids: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(ids).resize((w, h), Image.Resampling.NEAREST))
 
 
-def sample_members(key: str, image: bytes, image_ext: str, label: np.ndarray,
+def sample_members(key: str, image: bytes | list[tuple[str, bytes]], image_ext: str, label: np.ndarray,
                    source: str, split: str) -> list[tuple[str, bytes]]:
-    """The tar members of one sample, in fixed order: image, label, json."""
+    """The tar members of one sample, in fixed order: image (or its tiles), label, json.
+    ``image`` is the photo's bytes (``image_ext`` names them) or :func:`encode_photo`'s members."""
     meta = {"source": source, "height": int(label.shape[0]), "width": int(label.shape[1]), "split": split}
+    photo = [(f"image.{image_ext}", image)] if isinstance(image, bytes) else image
     return [
-        (f"{key}.image.{image_ext}", image),
-        (f"{key}.label.png", encode_png(label)),
+        *((f"{key}.{suffix}", data) for suffix, data in photo),
+        (f"{key}.label.png", encode_label_png(label)),
         (f"{key}.json", json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()),
     ]
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from unet_dist.data.loader import Augment, _collate, augment, decode_sample, normalize
+from unet_dist.data.loader import Augment, _plan_row, _tensor, _train_collate, decode_sample
 from unet_dist.errors import UnetDistError
 
 # A sample is (shard path, key, {member suffix: (offset, size)}).
@@ -115,10 +115,10 @@ class TrainBatches(torch.utils.data.Dataset):
     def __getitem__(self, t: int):
         items = []
         for epoch, i in positions(self.spec, t, len(self.samples)):
-            image, label, key = decode_sample(self.read(self.samples[i]))
-            image, label = augment(image, label, self.aug, augment_rng(self.spec.seed, epoch, key))
-            items.append((normalize(image), torch.from_numpy(label.astype(np.int64))))
-        return _collate(items)
+            raw = self.read(self.samples[i])
+            image, label, plan = decode_sample(raw, self.aug, augment_rng(self.spec.seed, epoch, raw["__key__"]))
+            items.append((_tensor(image), _tensor(label), torch.tensor(_plan_row(plan))))
+        return _train_collate(items)
 
     def __getstate__(self):  # open files stay with the process that opened them
         return {**self.__dict__, "_files": {}}
@@ -126,7 +126,8 @@ class TrainBatches(torch.utils.data.Dataset):
 
 def train_stream(urls: list[str], aug: Augment, batch_size: int, *, rank: int, world: int, seed: int,
                  start: int, workers: int, pin_memory: bool) -> torch.utils.data.DataLoader:
-    """An endless iterator of (images, labels) batches for one rank, from micro-batch ``start`` on."""
+    """An endless iterator of batches for one rank, from micro-batch ``start`` on: uint8 source
+    regions, labels and augmentation plans, as :func:`unet_dist.data.loader.to_device` takes them."""
     spec = StreamSpec(seed=seed, rank=rank, world=world, batch_size=batch_size)
     dataset = TrainBatches(index_shards(urls), aug, spec)
     return torch.utils.data.DataLoader(

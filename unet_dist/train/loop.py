@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from unet_dist import labels, viz
 from unet_dist.config import Config, dump_yaml, to_dict
 from unet_dist.data import shards
-from unet_dist.data.loader import Augment
+from unet_dist.data.loader import Augment, to_device
 from unet_dist.data.stream import train_stream
 from unet_dist.errors import UnetDistError
 from unet_dist.evaluate import evaluate_model
@@ -111,6 +111,19 @@ def label_crop(cfg: Config) -> tuple[int, int]:
         raise UnetDistError(f"train.crop {cfg.train.crop}: too small for a valid-padding U-Net of depth {cfg.model.depth}")
 
     return fit(h), fit(w)
+
+
+NO_STEP = 2**62  # "no non-finite loss yet" in the device-side first-bad-step tracker
+
+
+def _first_bad_step(first_bad: torch.Tensor, ctx: Context) -> int | None:
+    """The first step with a non-finite loss on any rank since the start, or None: one host read
+    (and one all-reduce), made at check steps only."""
+    if ctx.world_size > 1:
+        first_bad = first_bad.clone()
+        dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
+    bad = int(first_bad.item())
+    return None if bad == NO_STEP else bad
 
 
 class AllRanksError(UnetDistError):
@@ -284,7 +297,11 @@ def train(cfg: Config, ctx: Context) -> dict:
 
     model.train()
     t0 = time.perf_counter()
-    window_t, window_images, loss_sum, loss_n = time.perf_counter(), 0, 0.0, 0
+    # Loss and the first non-finite step stay on the device and are read only at check steps (log,
+    # eval, checkpoint, last): no host synchronisation in the steps between (docs/input_pipeline.md).
+    zero = torch.zeros((), device=device)
+    window_t, window_images, loss_sum, loss_n = time.perf_counter(), 0, zero, 0
+    first_bad = torch.full((), NO_STEP, dtype=torch.int64, device=device)
     last_scores: dict = {}
     status = "finished"
     step = saved = start_step
@@ -292,26 +309,28 @@ def train(cfg: Config, ctx: Context) -> dict:
         log.info("run already complete at step %d: nothing to train", start_step)
     for step in range(start_step + 1, t.steps + 1):
         for micro in range(t.accumulation):
-            images, target = next(batches)
-            images = images.to(device, non_blocking=True)
-            target = target.to(device, non_blocking=True)
-            if t.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
+            images, target = to_device(next(batches), aug, device, t.channels_last)
             sync = contextlib.nullcontext() if micro == t.accumulation - 1 or ctx.world_size == 1 else net.no_sync()
             with sync, torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 logits = step_fn(images)
                 loss = loss_fn(logits.float(), target) / t.accumulation
             loss.backward()
-            loss_sum += loss.item()
+            step_loss = loss.detach() if micro == 0 else step_loss + loss.detach()
+        loss_sum = loss_sum + step_loss
         loss_n += 1
-        finite = torch.tensor([float(math.isfinite(loss_sum))], device=device)
-        if ctx.world_size > 1:
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if finite.item() < 1:
-            status = "non_finite_loss"
-            if ctx.rank == 0:
-                log.error("non-finite loss at step %d: stopping; the last good checkpoint is kept", step)
-            break
+        first_bad = torch.where(torch.isfinite(step_loss), first_bad, first_bad.clamp(max=step))  # scalar: no copy
+        last = step == t.steps
+        check = step % t.log_every == 0 or step % t.checkpoint_every == 0 or last or bool(
+            t.eval_every and step % t.eval_every == 0)
+        if check:  # before this step's update: a non-finite loss never reaches a checkpoint
+            bad = _first_bad_step(first_bad, ctx)
+            if bad is not None:
+                status = "non_finite_loss"
+                if ctx.rank == 0:
+                    log.error("non-finite loss at step %d: stopping; the last good checkpoint is kept"
+                              "%s", bad, f" (found at step {step})" if bad != step else "")
+                step = bad
+                break
         if t.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         optimizer.step()
@@ -319,17 +338,16 @@ def train(cfg: Config, ctx: Context) -> dict:
         optimizer.zero_grad(set_to_none=True)
         window_images += global_batch
 
-        if step % t.log_every == 0 or step == t.steps:
+        if step % t.log_every == 0 or last:
+            mean_loss = loss_sum.item() / max(loss_n, 1)  # the window's one host read of the loss
             elapsed = time.perf_counter() - window_t
             lr = scheduler.get_last_lr()[0]
             rate = window_images / max(elapsed, 1e-9)
-            mean_loss = loss_sum / max(loss_n, 1)
             tracker.metrics({"train/loss": mean_loss, "train/lr": lr, "train/images_per_s": rate}, step)
             if ctx.rank == 0:
                 log.info("step %d/%d loss %.4f lr %.2e %.1f img/s", step, t.steps, mean_loss, lr, rate)
-            window_t, window_images, loss_sum, loss_n = time.perf_counter(), 0, 0.0, 0
+            window_t, window_images, loss_sum, loss_n = time.perf_counter(), 0, zero, 0
 
-        last = step == t.steps
         if (t.eval_every and step % t.eval_every == 0) or step % t.checkpoint_every == 0 or last:
             average_buffers(model, ctx.world_size)
         if (t.eval_every and step % t.eval_every == 0) or last:
@@ -347,6 +365,12 @@ def train(cfg: Config, ctx: Context) -> dict:
             _save(step, cfg, ctx, model, optimizer, scheduler, metrics, best)
             saved = step
         if not last and preemption.agreed(ctx.world_size, preempt_group):
+            finite = torch.tensor([float(_finite_state(model))])  # buffers differ by rank here: agree
+            if ctx.world_size > 1:
+                dist.all_reduce(finite, op=dist.ReduceOp.MIN, group=preempt_group)
+            if _first_bad_step(first_bad, ctx) is not None or finite.item() < 1:
+                status = "non_finite_loss"  # never checkpoint a step that was not finite
+                break
             status = preemption.STATUS
             if ctx.rank == 0:
                 log.info("preempted (%s): checkpoint at step %d, then stop", preemption.reason(), step)
