@@ -103,6 +103,7 @@ def main() -> None:
     import baseline_pipeline as BP
     from unet_dist.config import TrainConfig
     from unet_dist.data import loader as L
+    from unet_dist import files
     from unet_dist.data import shards as sh
 
     torch.set_num_threads(1)

@@ -217,7 +217,7 @@ def loop_syncs(args, cache, dev) -> dict:
 
     from unet_dist import preprocess
     from unet_dist.config import load_config
-    from unet_dist.data.synthetic import write_dataset
+    from unet_dist.synth import write_dataset
     from unet_dist.train.loop import Context, train
 
     root, out = cache / "gpu-raw-cityscapes", cache / "gpu-shards-cityscapes"

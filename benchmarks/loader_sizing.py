@@ -33,7 +33,7 @@ def scene_tar(cache: Path, n: int, size: tuple[int, int], encoding: str, quality
     import numpy as np
 
     from unet_dist.data import shards as sh
-    from unet_dist.data.synthetic import render_scene, sample_rng
+    from unet_dist.synth import render_scene, sample_rng
     from unet_dist.labels import id_to_train_id_lut
 
     tag = f"{encoding}-q{quality}-{'x'.join(map(str, tile)) if tile else 'whole'}"

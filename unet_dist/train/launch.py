@@ -10,22 +10,16 @@ import contextlib
 import dataclasses
 import logging
 import os
-from datetime import timedelta
 from pathlib import Path
 
 from unet_dist.config import Config, from_dict, to_dict
 from unet_dist.data import shards
+from unet_dist.distributed import init_torchrun_group
 from unet_dist.errors import UnetDistError
 from unet_dist.train import checkpoint, preemption
 from unet_dist.train.loop import AllRanksError, Context, train
 
 log = logging.getLogger("unet_dist.launch")
-TORCHRUN_VARS = ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "RANK", "WORLD_SIZE")
-
-
-def under_torchrun() -> bool:
-    return all(v in os.environ for v in TORCHRUN_VARS)
-
 
 def run_dir(cfg: Config) -> Path:
     return Path(cfg.train.checkpoint_dir).resolve() / cfg.train.run_name
@@ -80,31 +74,15 @@ def _latest_on_disk(directory: Path):
 
 
 # ----------------------------------------------------------------------------------------- torchrun
-def _init_process_group(backend: str, rank: int, world: int) -> None:
-    """``init_process_group`` on a store prefixed with torchrun's restart count. The agent's TCPStore
-    outlives a restart (torchrun shares its rendezvous store), so without the prefix a restarted
-    group can read the gloo addresses of the ranks that died and fail to connect."""
-    import torch.distributed as dist
-
-    timeout = timedelta(minutes=30)
-    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
-                          is_master=not agent_store and rank == 0, timeout=timeout, multi_tenant=True)
-    prefix = f"unet_dist/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
-    dist.init_process_group(backend, store=dist.PrefixStore(prefix, store), rank=rank, world_size=world,
-                            timeout=timeout)
-
-
 def run_torchrun(cfg: Config) -> dict | None:
     """Called in every rank that torchrun starts; returns the summary on rank 0."""
     import torch.distributed as dist
 
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    preemption.install()  # the agent forwards its SIGTERM to every rank
     local_rank = int(os.environ["LOCAL_RANK"])
+    preemption.install()  # the agent forwards its SIGTERM to every rank
     cfg = absolute_paths(cfg)
     preflight(cfg)  # every rank: the same answer, before any collective
-    _init_process_group("nccl" if cfg.train.use_gpu else "gloo", rank, world)
+    rank, world = init_torchrun_group("nccl" if cfg.train.use_gpu else "gloo")
     directory = run_dir(cfg)
     try:
         run_id = open_run(cfg, "torchrun", world)[0] if rank == 0 else None
@@ -139,9 +117,10 @@ PREEMPT_NAMESPACE = "unet_dist_preempt"
 
 
 def _watch_preemption(key: str) -> None:
-    """In a Ray Train worker: a SIGTERM to this process, the driver's flag (it got SIGTERM) and a Ray
-    node drain all become a preemption request. The handler must be installed by the worker actor's
-    main thread (the loop runs in another thread), so it is sent there as an actor task."""
+    """In a Ray Train worker: a SIGTERM to this process and the driver's flag (it got SIGTERM) become
+    a preemption request. The handler must be installed by the worker actor's main thread (the loop
+    runs in another thread), so it is sent there as an actor task; it replaces Ray's handler, which
+    would end the worker at once."""
     import ray
     from ray.experimental import internal_kv
 

@@ -6,29 +6,28 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import math
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from unet_dist import labels, viz
-from unet_dist.config import Config, dump_yaml, to_dict
+from unet_dist import labels
+from unet_dist.config import Config
 from unet_dist.data import shards
 from unet_dist.data.loader import Augment, to_device
 from unet_dist.data.stream import train_stream
 from unet_dist.errors import UnetDistError
-from unet_dist.evaluate import evaluate_model
+from unet_dist.evaluation import evaluate_model
 from unet_dist.model import UNet, margin, output_size
-from unet_dist.tracking import NullLogger, RunLogger, file_sha256, git_commit
+from unet_dist.tracking import NullLogger, RunLogger
 from unet_dist.train import checkpoint, preemption
 
 log = logging.getLogger("unet_dist.train")
@@ -113,19 +112,6 @@ def label_crop(cfg: Config) -> tuple[int, int]:
     return fit(h), fit(w)
 
 
-NO_STEP = 2**62  # "no non-finite loss yet" in the device-side first-bad-step tracker
-
-
-def _first_bad_step(first_bad: torch.Tensor, ctx: Context) -> int | None:
-    """The first step with a non-finite loss on any rank since the start, or None: one host read
-    (and one all-reduce), made at check steps only."""
-    if ctx.world_size > 1:
-        first_bad = first_bad.clone()
-        dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
-    bad = int(first_bad.item())
-    return None if bad == NO_STEP else bad
-
-
 class AllRanksError(UnetDistError):
     """Raised by every rank together after a check they agreed on: a retry would end the same way."""
 
@@ -171,232 +157,329 @@ def _finite_state(model: torch.nn.Module) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in model.state_dict().values() if t.is_floating_point())
 
 
-def _save(step: int, cfg: Config, ctx: Context, model, optimizer, scheduler, metrics: dict, best: float):
-    """Every rank calls this; rank 0 writes the checkpoint and the launcher publishes it."""
-    ranks = checkpoint.gather_rank_states(model, ctx.world_size)
-    if ctx.rank != 0:
-        ctx.report(metrics, None)
-        return
-    with tempfile.TemporaryDirectory(prefix="unet-ckpt-") as tmp:
-        state = {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "step": step,
-            "best_miou": best,
-            "rng": checkpoint.rng_state(),
-            "ranks": ranks,  # each rank's RNG and BatchNorm statistics: an exact resume
-        }
-        manifest = Path(cfg.shards.dir) / "manifest.json"
-        meta = {
-            "step": step,
-            "steps_total": cfg.train.steps,
-            "best_miou": best,
-            "config": to_dict(cfg),
-            "mlflow_run_id": ctx.run_id,
-            "world_size": ctx.world_size,
-            "launcher": ctx.launcher,
-            "status": metrics.get("status"),
-            "data_position": step * cfg.train.accumulation,  # micro-batches each rank has taken
-            "shards_manifest_sha256": file_sha256(manifest) if manifest.is_file() else None,
-            "quantizer": str(Path(cfg.shards.dir) / "quantizer.json"),
-        }
-        checkpoint.write(Path(tmp), state, meta)
-        ctx.report(metrics, Path(tmp))
+NO_STEP = 2**62  # "no non-finite loss yet" in the device-side first-bad-step tracker
+
+
+@dataclass
+class _Window:
+    """Loss and throughput since the last train log line. The loss sum stays on the device (a
+    0-dim tensor once the first step adds to it): it is read only when the line is logged."""
+
+    started: float = field(default_factory=time.perf_counter)
+    images: int = 0
+    loss_sum: torch.Tensor | float = 0.0
+    loss_n: int = 0
+
+
+@dataclass
+class Run:
+    """One rank's run: what :func:`setup` builds, :func:`restore` fills in and :func:`prepare` adds."""
+
+    cfg: Config
+    ctx: Context
+    device: torch.device
+    manifest: dict
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    start_step: int = 0
+    best: float = float("nan")  # best val mIoU so far
+    # set by prepare()
+    net: torch.nn.Module | None = None  # the DDP wrapper (or the model itself in a world of one)
+    step_fn: Callable | None = None  # net, compiled when train.compile
+    loss_fn: torch.nn.Module | None = None
+    dtype: torch.dtype | None = None  # autocast dtype, None = fp32
+    crop: tuple[int, int] = (0, 0)
+    batches: Iterator | None = None
+    val_urls: list[str] = field(default_factory=list)
+    tracker: RunLogger | NullLogger = field(default_factory=NullLogger)
+    global_batch: int = 0
+    # progress
+    step: int = 0
+    status: str = "finished"
+    last_scores: dict = field(default_factory=dict)
+    window: _Window = field(default_factory=_Window)
+    # the first step whose loss was not finite (NO_STEP: none yet), on the device; read at check steps
+    first_bad: torch.Tensor | None = None
+    aug: Augment | None = None
+    wall_s: float = 0.0
+    preempt_group: object = None  # the process group the preemption flag is agreed on
+    saved: int = -1  # the last step checkpointed
 
 
 def train(cfg: Config, ctx: Context) -> dict:
     """Train ``cfg.train.steps`` optimiser steps in this rank; returns the run summary (rank 0)."""
+    run = setup(cfg, ctx)
+    restore(run)
+    prepare(run)
+    run_steps(run)
+    return finish(run)
+
+
+def setup(cfg: Config, ctx: Context) -> Run:
+    """Device, seeds, the verified manifest, model, optimiser and schedule: the same on every rank."""
     t = cfg.train
     device = device_for(cfg, ctx)
     torch.manual_seed(t.seed)  # same initial weights on every rank
     np.random.seed(t.seed + ctx.rank)
     if device.type == "cpu" and ctx.launcher != "torchrun":
         torch.set_num_threads(max(1, t.cpus_per_worker))
-
     manifest = _verify(cfg, ctx, device)
     model = UNet.from_config(cfg.model).to(device)
     optimizer = make_optimizer(cfg, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    start_step, best, error = 0, float("nan"), ""
+    return Run(cfg, ctx, device, manifest, model, optimizer, scheduler)
+
+
+def restore(run: Run) -> None:
+    """Continue from the launcher's newest checkpoint, if any; a refused one stops every rank together."""
+    ctx, error = run.ctx, ""
     with ctx.latest_checkpoint() as ckpt_dir:
         if ckpt_dir is not None:
             try:
-                state = checkpoint.load_state(ckpt_dir, map_location=device)
-                checkpoint.load_weights(model, state["model"], str(ckpt_dir))
-            except UnetDistError as e:  # a refused checkpoint: every rank stops together
+                state = checkpoint.load_state(ckpt_dir, map_location=run.device)
+                checkpoint.load_weights(run.model, state["model"], str(ckpt_dir))
+            except UnetDistError as e:
                 error = str(e)
             else:
-                optimizer.load_state_dict(state["optimizer"])
-                scheduler.load_state_dict(state["scheduler"])
-                exact = checkpoint.restore_rank_state(model, state, ctx.rank, ctx.world_size)
+                run.optimizer.load_state_dict(state["optimizer"])
+                run.scheduler.load_state_dict(state["scheduler"])
+                exact = checkpoint.restore_rank_state(run.model, state, ctx.rank, ctx.world_size)
                 if not exact and ctx.rank == 0:
                     log.warning("%s was written by another world size: the resume is not exact", ckpt_dir)
-                start_step, best = int(state["step"]), float(state["best_miou"])
+                run.start_step, run.best = int(state["step"]), float(state["best_miou"])
                 ctx.resumed_from = str(ckpt_dir)
-    _all_ranks_ok(not error, error, ctx, device)
+    _all_ranks_ok(not error, error, ctx, run.device)
     if ctx.rank == 0 and ctx.resumed_from:
-        log.info("resumed from %s at step %d", ctx.resumed_from, start_step)
+        log.info("resumed from %s at step %d", ctx.resumed_from, run.start_step)
+
+
+def prepare(run: Run) -> None:
+    """Wrap the model for DDP, open the train stream where the restored step left off, open tracking."""
+    cfg, ctx, t, device = run.cfg, run.ctx, run.cfg.train, run.device
     if t.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if ctx.world_size > 1 else model
-    step_fn = torch.compile(net) if t.compile else net
-
-    weight = class_weights(manifest).to(device) if t.class_weights else None
-    loss_fn = torch.nn.CrossEntropyLoss(weight=weight, ignore_index=labels.IGNORE)
-    dtype = amp_dtype(cfg, device)
-    crop = label_crop(cfg)
-    aug = Augment(crop=crop, scale=tuple(t.scale), flip=t.flip,
-                  margin=margin(cfg.model.depth) if cfg.model.padding == "valid" else 0)
-    train_urls = shards.shard_paths(cfg.shards.dir, manifest, "train")
-    val_urls = shards.shard_paths(cfg.shards.dir, manifest, "val")
-    batches = iter(train_stream(
-        train_urls, aug, t.batch_size, rank=ctx.rank, world=ctx.world_size, seed=t.seed,
-        start=start_step * t.accumulation, workers=t.loader_workers, pin_memory=device.type == "cuda"))
-    preempt_group = preemption.cpu_group()
-
-    tracker = RunLogger(cfg, ctx.run_id, resumed=start_step > 0) if ctx.rank == 0 and ctx.run_id else NullLogger()
-    global_batch = t.batch_size * t.accumulation * ctx.world_size
-    if start_step == 0:
-        tracker.tags({
-            "launcher": ctx.launcher, "world_size": ctx.world_size, "device": device.type,
-            "global_batch": global_batch, "git_commit": git_commit() or "none",
-            "shards_manifest_sha256": file_sha256(Path(cfg.shards.dir) / "manifest.json"),
-        })
-        tracker.metrics({"global_batch": global_batch}, step=0)
-        tracker.artifact(Path(cfg.shards.dir) / "manifest.json", "data")
-        quantizer = Path(cfg.shards.dir) / "quantizer.json"
-        if quantizer.is_file():
-            tracker.artifact(quantizer, "data")
-            tracker.image(viz.quantizer_picture(json.loads(quantizer.read_text())), "data/kmeans_clusters.png")
-        tracker.text(dump_yaml(cfg), "config.yaml")
+        run.model.to(memory_format=torch.channels_last)
+    run.net = DistributedDataParallel(run.model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if ctx.world_size > 1 else run.model
+    run.step_fn = torch.compile(run.net) if t.compile else run.net
+    weight = class_weights(run.manifest).to(device) if t.class_weights else None
+    run.loss_fn = torch.nn.CrossEntropyLoss(weight=weight, ignore_index=labels.IGNORE)
+    run.dtype = amp_dtype(cfg, device)
+    run.crop = label_crop(cfg)
+    aug = run.aug = Augment(crop=run.crop, scale=tuple(t.scale), flip=t.flip,
+                            margin=margin(cfg.model.depth) if cfg.model.padding == "valid" else 0)
+    run.val_urls = shards.shard_paths(cfg.shards.dir, run.manifest, "val")
+    # The stream is a pure function of its position: it resumes where the restored step left off.
+    run.batches = iter(train_stream(
+        shards.shard_paths(cfg.shards.dir, run.manifest, "train"), aug, t.batch_size, rank=ctx.rank,
+        world=ctx.world_size, seed=t.seed, start=run.start_step * t.accumulation, workers=t.loader_workers,
+        pin_memory=device.type == "cuda"))
+    run.preempt_group = preemption.cpu_group()
+    run.global_batch = t.batch_size * t.accumulation * ctx.world_size
+    if ctx.rank == 0 and ctx.run_id:
+        run.tracker = RunLogger(cfg, ctx.run_id, resumed=run.start_step > 0)
+    if run.start_step == 0:
+        run.tracker.run_inputs(cfg, {"launcher": ctx.launcher, "world_size": ctx.world_size,
+                                     "device": device.type, "global_batch": run.global_batch})
     if ctx.rank == 0:
         log.info("training %d steps from step %d: world %d, global batch %d, crop %s, device %s",
-                 t.steps, start_step, ctx.world_size, global_batch, crop, device)
+                 t.steps, run.start_step, ctx.world_size, run.global_batch, run.crop, device)
 
-    def run_eval(step: int) -> dict:
-        result = evaluate_model(model, val_urls, batch_size=t.batch_size, device=device, dtype=dtype,
-                                rank=ctx.rank, world=ctx.world_size, limit=t.eval_batches,
-                                keep_examples=4 if ctx.rank == 0 else 0)
-        scores = result["scores"]
-        tracker.metrics({"val/miou": scores["miou"], "val/pixel_acc": scores["pixel_acc"],
-                         "val/mean_acc": scores["mean_acc"],
-                         **{f"val_iou/{n}": v for n, v in zip(labels.CLASS_NAMES, scores["iou"])}}, step)
-        if ctx.rank == 0:
-            tag = f"step_{step:07d}"
-            ex = result["examples"]
-            if ex:
-                tracker.image(viz.prediction_grid(ex["images"], ex["labels"], ex["preds"]),
-                              f"eval/predictions_{tag}.png")
-            tracker.image(viz.confusion_heatmap(result["confusion"], labels.CLASS_NAMES),
-                          f"eval/confusion_{tag}.png")
-            log.info("step %d: val mIoU %.4f, pixel acc %.4f", step, scores["miou"], scores["pixel_acc"])
-        model.train()
-        return scores
 
-    model.train()
+def run_steps(run: Run) -> None:
+    """Steps after the restored one up to ``train.steps``; stops early on a non-finite loss or weights."""
+    t, ctx = run.cfg.train, run.ctx
+    run.model.train()
     t0 = time.perf_counter()
-    # Loss and the first non-finite step stay on the device and are read only at check steps (log,
-    # eval, checkpoint, last): no host synchronisation in the steps between (docs/input_pipeline.md).
-    zero = torch.zeros((), device=device)
-    window_t, window_images, loss_sum, loss_n = time.perf_counter(), 0, zero, 0
-    first_bad = torch.full((), NO_STEP, dtype=torch.int64, device=device)
-    last_scores: dict = {}
-    status = "finished"
-    step = saved = start_step
-    if start_step >= t.steps and ctx.rank == 0:
-        log.info("run already complete at step %d: nothing to train", start_step)
-    for step in range(start_step + 1, t.steps + 1):
-        for micro in range(t.accumulation):
-            images, target = to_device(next(batches), aug, device, t.channels_last)
-            sync = contextlib.nullcontext() if micro == t.accumulation - 1 or ctx.world_size == 1 else net.no_sync()
-            with sync, torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                logits = step_fn(images)
-                loss = loss_fn(logits.float(), target) / t.accumulation
-            loss.backward()
-            step_loss = loss.detach() if micro == 0 else step_loss + loss.detach()
-        loss_sum = loss_sum + step_loss
-        loss_n += 1
-        first_bad = torch.where(torch.isfinite(step_loss), first_bad, first_bad.clamp(max=step))  # scalar: no copy
-        last = step == t.steps
-        check = step % t.log_every == 0 or step % t.checkpoint_every == 0 or last or bool(
-            t.eval_every and step % t.eval_every == 0)
-        if check:  # before this step's update: a non-finite loss never reaches a checkpoint
-            bad = _first_bad_step(first_bad, ctx)
-            if bad is not None:
-                status = "non_finite_loss"
-                if ctx.rank == 0:
-                    log.error("non-finite loss at step %d: stopping; the last good checkpoint is kept"
-                              "%s", bad, f" (found at step {step})" if bad != step else "")
-                step = bad
-                break
-        if t.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        window_images += global_batch
-
-        if step % t.log_every == 0 or last:
-            mean_loss = loss_sum.item() / max(loss_n, 1)  # the window's one host read of the loss
-            elapsed = time.perf_counter() - window_t
-            lr = scheduler.get_last_lr()[0]
-            rate = window_images / max(elapsed, 1e-9)
-            tracker.metrics({"train/loss": mean_loss, "train/lr": lr, "train/images_per_s": rate}, step)
+    run.window, run.step = _Window(), run.start_step
+    if run.start_step >= t.steps and ctx.rank == 0:
+        log.info("run already complete at step %d: nothing to train", run.start_step)
+    run.first_bad = torch.full((), NO_STEP, dtype=torch.int64, device=run.device)
+    for step in range(run.start_step + 1, t.steps + 1):
+        run.step = step
+        bad = _optimizer_step(run)
+        if bad is not None:
+            run.status, run.step = "non_finite_loss", bad
             if ctx.rank == 0:
-                log.info("step %d/%d loss %.4f lr %.2e %.1f img/s", step, t.steps, mean_loss, lr, rate)
-            window_t, window_images, loss_sum, loss_n = time.perf_counter(), 0, zero, 0
-
-        if (t.eval_every and step % t.eval_every == 0) or step % t.checkpoint_every == 0 or last:
-            average_buffers(model, ctx.world_size)
-        if (t.eval_every and step % t.eval_every == 0) or last:
-            last_scores = run_eval(step)
-            best = last_scores["miou"] if math.isnan(best) else max(best, last_scores["miou"])
-        if step % t.checkpoint_every == 0 or last:
-            if not _finite_state(model):  # a finite loss can sit on overflowed BatchNorm statistics
-                status = "non_finite_weights"
-                if ctx.rank == 0:
-                    log.error("non-finite weights at step %d: stopping; the last good checkpoint is kept", step)
-                break
-            metrics = {"step": step, "best_miou": best, "status": "running" if not last else status}
-            if last_scores:
-                metrics["val_miou"] = last_scores["miou"]
-            _save(step, cfg, ctx, model, optimizer, scheduler, metrics, best)
-            saved = step
-        if not last and preemption.agreed(ctx.world_size, preempt_group):
-            finite = torch.tensor([float(_finite_state(model))])  # buffers differ by rank here: agree
-            if ctx.world_size > 1:
-                dist.all_reduce(finite, op=dist.ReduceOp.MIN, group=preempt_group)
-            if _first_bad_step(first_bad, ctx) is not None or finite.item() < 1:
-                status = "non_finite_loss"  # never checkpoint a step that was not finite
-                break
-            status = preemption.STATUS
-            if ctx.rank == 0:
-                log.info("preempted (%s): checkpoint at step %d, then stop", preemption.reason(), step)
-            if saved != step:  # no averaging here: the run must go on as if never stopped
-                _save(step, cfg, ctx, model, optimizer, scheduler,
-                      {"step": step, "best_miou": best, "status": status}, best)
-            if ctx.rank == 0:
-                log.info("preemption checkpoint at step %d published %.2f s after the request",
-                         step, preemption.seconds_since_request())
+                log.error("non-finite loss at step %d: stopping; the last good checkpoint is kept%s",
+                          bad, f" (found at step {step})" if bad != step else "")
             break
+        _log_train(run, step)
+        if not _evaluate_and_checkpoint(run, step):
+            break
+        if step < t.steps and preemption.agreed(ctx.world_size, run.preempt_group):
+            _checkpoint_preempted(run, step)
+            break
+    run.wall_s = time.perf_counter() - t0
 
-    wall = time.perf_counter() - t0
-    # Every rank states what it ends with: DDP keeps replicas identical, and this line shows it.
-    log.info("rank %d final weights sha256 %s", ctx.rank, weights_digest(model))
-    summary = {"status": status, "steps": step if status in ("finished", preemption.STATUS) else step - 1,
-               "wall_s": round(wall, 1), "best_miou": best,
-               "val_miou": last_scores.get("miou", float("nan")), "world_size": ctx.world_size,
-               "resumed_from": ctx.resumed_from, "mlflow_run_id": ctx.run_id}
-    if status not in ("finished", preemption.STATUS):
-        ctx.report({"step": step - 1, "status": status, "best_miou": best}, None)
+
+def _check_step(cfg: Config, step: int) -> bool:
+    """Steps at which the loop reads the device (log, eval, checkpoint, last); none between them."""
+    t = cfg.train
+    return (step % t.log_every == 0 or step % t.checkpoint_every == 0 or step == t.steps
+            or bool(t.eval_every and step % t.eval_every == 0))
+
+
+def _first_bad_step(run: Run) -> int | None:
+    """The first step with a non-finite loss on any rank so far, or None: one host read (and one
+    all-reduce), made at check steps only."""
+    first_bad = run.first_bad
+    if run.ctx.world_size > 1:
+        first_bad = first_bad.clone()
+        dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
+    bad = int(first_bad.item())
+    return None if bad == NO_STEP else bad
+
+
+def _optimizer_step(run: Run) -> int | None:
+    """One optimiser step over ``train.accumulation`` micro-batches, with no host synchronisation.
+    The loss is summed and a non-finite one recorded on the device; at check steps the record is
+    read before the update: the first non-finite step (the same on every rank) is returned, and
+    this step's update is not made, so no later checkpoint is ever written."""
+    t, ctx, device, w = run.cfg.train, run.ctx, run.device, run.window
+    for micro in range(t.accumulation):
+        images, target = to_device(next(run.batches), run.aug, device, t.channels_last)
+        sync = contextlib.nullcontext() if micro == t.accumulation - 1 or ctx.world_size == 1 else run.net.no_sync()
+        with sync, torch.autocast(device.type, dtype=run.dtype or torch.float32, enabled=run.dtype is not None):
+            logits = run.step_fn(images)
+            loss = run.loss_fn(logits.float(), target) / t.accumulation
+        loss.backward()
+        step_loss = loss.detach() if micro == 0 else step_loss + loss.detach()
+    w.loss_sum = w.loss_sum + step_loss
+    w.loss_n += 1
+    # clamp takes the step as a kernel argument: no host-to-device copy
+    run.first_bad = torch.where(torch.isfinite(step_loss), run.first_bad, run.first_bad.clamp(max=run.step))
+    if _check_step(run.cfg, run.step):
+        bad = _first_bad_step(run)
+        if bad is not None:
+            return bad
+    if t.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), t.grad_clip)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    w.images += run.global_batch
+    return None
+
+
+def _log_train(run: Run, step: int) -> None:
+    """Every ``train.log_every`` steps: mean loss, learning rate and images/s since the last line."""
+    t, w = run.cfg.train, run.window
+    if step % t.log_every and step != t.steps:
+        return
+    lr = run.scheduler.get_last_lr()[0]
+    rate = w.images / max(time.perf_counter() - w.started, 1e-9)
+    mean_loss = float(w.loss_sum) / max(w.loss_n, 1)  # the window's one host read of the loss
+    run.tracker.metrics({"train/loss": mean_loss, "train/lr": lr, "train/images_per_s": rate}, step)
+    if run.ctx.rank == 0:
+        log.info("step %d/%d loss %.4f lr %.2e %.1f img/s", step, t.steps, mean_loss, lr, rate)
+    run.window = _Window()
+
+
+def _evaluate_and_checkpoint(run: Run, step: int) -> bool:
+    """Evaluate and save when due (always at the last step); False when the weights went non-finite."""
+    t, ctx = run.cfg.train, run.ctx
+    last = step == t.steps
+    evaluate = bool(t.eval_every and step % t.eval_every == 0) or last
+    save = step % t.checkpoint_every == 0 or last
+    if evaluate or save:
+        average_buffers(run.model, ctx.world_size)
+    if evaluate:
+        run.last_scores = _evaluate(run, step)
+        miou = run.last_scores["miou"]
+        run.best = miou if math.isnan(run.best) else max(run.best, miou)
+    if save:
+        if not _finite_state(run.model):  # a finite loss can sit on overflowed BatchNorm statistics
+            run.status = "non_finite_weights"
+            if ctx.rank == 0:
+                log.error("non-finite weights at step %d: stopping; the last good checkpoint is kept", step)
+            return False
+        metrics = {"step": step, "best_miou": run.best, "status": "running" if not last else run.status}
+        if run.last_scores:
+            metrics["val_miou"] = run.last_scores["miou"]
+        _save(run, step, metrics)
+        run.saved = step
+    return True
+
+
+def _checkpoint_preempted(run: Run, step: int) -> None:
+    """Every rank agreed to stop after ``step`` (a SIGTERM somewhere): save it unless this step was
+    just saved, and stop with status ``preempted``. Buffers are not averaged, so the resumed run goes
+    on exactly as one that never stopped; each rank's own are saved (checkpoint.rank_state)."""
+    ctx = run.ctx
+    finite = torch.tensor([float(_finite_state(run.model))])  # buffers differ by rank here: agree
+    if ctx.world_size > 1:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN, group=run.preempt_group)
+    bad = _first_bad_step(run)  # never checkpoint a step whose loss was not finite
+    if bad is not None or finite.item() < 1:
+        run.status, run.step = ("non_finite_loss", bad) if bad is not None else ("non_finite_weights", step)
+        return
+    run.status = preemption.STATUS
     if ctx.rank == 0:
-        if status == "finished" and cfg.mlflow.log_model and ctx.run_id and step > start_step:
-            summary["model_uri"] = tracker.model(model, cfg, crop_for_example(cfg, crop))
+        log.info("preempted (%s): checkpoint at step %d, then stop", preemption.reason(), step)
+    if run.saved != step:
+        _save(run, step, {"step": step, "best_miou": run.best, "status": run.status})
+    if ctx.rank == 0:
+        log.info("preemption checkpoint at step %d published %.2f s after the request",
+                 step, preemption.seconds_since_request())
+
+
+def _evaluate(run: Run, step: int) -> dict:
+    """Val scores on every rank (each scores a share); rank 0 logs them with example pictures."""
+    t, ctx = run.cfg.train, run.ctx
+    result = evaluate_model(run.model, run.val_urls, batch_size=t.batch_size, device=run.device, dtype=run.dtype,
+                            rank=ctx.rank, world=ctx.world_size, limit=t.eval_batches,
+                            keep_examples=4 if ctx.rank == 0 else 0)
+    scores = result["scores"]
+    run.tracker.evaluation(result, step)
+    if ctx.rank == 0:
+        log.info("step %d: val mIoU %.4f, pixel acc %.4f", step, scores["miou"], scores["pixel_acc"])
+    run.model.train()
+    return scores
+
+
+def _save(run: Run, step: int, metrics: dict) -> None:
+    """Every rank calls this; rank 0 writes the checkpoint and the launcher publishes it."""
+    ctx = run.ctx
+    ranks = checkpoint.gather_rank_states(run.model, ctx.world_size)
+    if ctx.rank != 0:
+        ctx.report(metrics, None)
+        return
+    with tempfile.TemporaryDirectory(prefix="unet-ckpt-") as tmp:
+        state = {
+            "model": run.model.state_dict(),
+            "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(),
+            "step": step,
+            "best_miou": run.best,
+            "rng": checkpoint.rng_state(),
+            "ranks": ranks,  # each rank's RNG and BatchNorm statistics: an exact resume
+        }
+        meta = checkpoint.meta(run.cfg, step=step, best_miou=run.best, run_id=ctx.run_id,
+                               world_size=ctx.world_size, launcher=ctx.launcher)
+        meta.update(status=metrics.get("status"), data_position=step * run.cfg.train.accumulation)
+        checkpoint.write(Path(tmp), state, meta)
+        ctx.report(metrics, Path(tmp))
+
+
+def finish(run: Run) -> dict:
+    """The run summary; rank 0 logs the model (a finished run that trained) and closes the MLflow run."""
+    cfg, ctx, step, status = run.cfg, run.ctx, run.step, run.status
+    # Every rank states what it ends with: DDP keeps replicas identical, and this line shows it.
+    log.info("rank %d final weights sha256 %s", ctx.rank, weights_digest(run.model))
+    stopped_cleanly = status in ("finished", preemption.STATUS)
+    summary = {"status": status, "steps": step if stopped_cleanly else step - 1,
+               "wall_s": round(run.wall_s, 1), "best_miou": run.best,
+               "val_miou": run.last_scores.get("miou", float("nan")), "world_size": ctx.world_size,
+               "resumed_from": ctx.resumed_from, "mlflow_run_id": ctx.run_id}
+    if not stopped_cleanly:
+        ctx.report({"step": step - 1, "status": status, "best_miou": run.best}, None)
+    if ctx.rank == 0:
+        if status == "finished" and cfg.mlflow.log_model and ctx.run_id and step > run.start_step:
+            summary["model_uri"] = run.tracker.model(run.model, cfg, crop_for_example(cfg, run.crop))
         if status == preemption.STATUS:  # resumable: not FAILED
-            tracker.tags({"unet_dist.status": status, "unet_dist.preempted_at_step": step})
-        tracker.close({"finished": "FINISHED", preemption.STATUS: "KILLED"}.get(status, "FAILED"))
+            run.tracker.tags({"unet_dist.status": status, "unet_dist.preempted_at_step": step})
+        run.tracker.close({"finished": "FINISHED", preemption.STATUS: "KILLED"}.get(status, "FAILED"))
     return summary
 
 
