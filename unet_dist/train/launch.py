@@ -126,7 +126,8 @@ def _watch_preemption(key: str) -> None:
 
     preemption.reset()
     actor = ray.get_runtime_context().current_actor
-    ray.get(actor.execute.remote(preemption.install))
+    if not ray.get(actor.execute.remote(preemption.install)):
+        log.warning("no SIGTERM handler in this Ray worker: a SIGTERM to it ends it without a checkpoint")
     preemption.add_source(lambda: "driver got SIGTERM" if internal_kv._internal_kv_get(
         key, namespace=PREEMPT_NAMESPACE) else None)
 
