@@ -297,6 +297,7 @@ def run_steps(run: Run) -> None:
     run.first_bad = torch.full((), NO_STEP, dtype=torch.int64, device=run.device)
     for step in range(run.start_step + 1, t.steps + 1):
         run.step = step
+        preemption.at_step(step)
         bad = _optimizer_step(run)
         if bad is not None:
             run.status, run.step = "non_finite_loss", bad

@@ -29,17 +29,27 @@ POLL_S = 0.5
 _requested = threading.Event()
 _reason: list[str] = []
 _requested_at: list[float] = []
+_step: list[int | None] = [None]  # the step this process computes (set by the loop; None: a driver)
 _signals = 0
 _sources: list[Callable[[], str | None]] = []
 _last_poll = 0.0
 
 
+def at_step(step: int) -> None:
+    """The loop starts computing ``step``."""
+    _step[0] = step
+
+
 def request(reason: str) -> None:
     """Ask for a checkpoint and a stop at the next step boundary."""
     if not _requested.is_set():
-        _reason.append(reason)
+        _reason.append(reason + _during())
         _requested_at.append(time.monotonic())
         _requested.set()
+
+
+def _during() -> str:
+    return "" if _step[0] is None else f" during step {_step[0]}"
 
 
 def reason() -> str:
@@ -59,7 +69,7 @@ def _on_sigterm(signum, frame) -> None:
         return
     request("SIGTERM")
     # os.write, not logging: a handler may interrupt code that holds the logging lock.
-    os.write(2, f"[pid {os.getpid()}] SIGTERM: checkpoint at the next step boundary, then stop\n".encode())
+    os.write(2, f"[pid {os.getpid()}] SIGTERM{_during()}: checkpoint at the next step boundary, then stop\n".encode())
 
 
 def install() -> bool:
@@ -83,6 +93,7 @@ def reset() -> None:
     _requested_at.clear()
     _sources.clear()
     _signals, _last_poll = 0, 0.0
+    _step[0] = None
 
 
 def requested() -> bool:
