@@ -93,3 +93,41 @@ def test_a_registered_source_requests_a_preemption():
         assert preemption.requested() and preemption.reason() == "driver got SIGTERM"
     finally:
         preemption.reset()
+
+
+
+def test_a_run_preempted_mid_way_and_resumed_ends_with_the_uninterrupted_weights(urls, tmp_path, monkeypatch,
+                                                                                  caplog):
+    """In-process, a world of one with a loader worker: the preemption checkpoint falls between the
+    periodic ones (4, 8), and the resumed run ends bit-identical to the one that never stopped."""
+    import logging
+    import re
+
+    from test_train_parts import local_context, tiny_run
+    from unet_dist.train import checkpoint
+    from unet_dist.train.loop import train
+
+    caplog.set_level(logging.INFO, logger="unet_dist.train")
+    monkeypatch.setattr(preemption, "POLL_S", 0.0)
+    cfg = tiny_run(Path(urls[0]).parent, 8, "train.checkpoint_every=4", "train.loader_workers=1")
+
+    def final_digest() -> str:
+        [digest] = re.findall(r"final weights sha256 (\w+)", caplog.text)
+        caplog.clear()
+        return digest
+
+    train(cfg, local_context(tmp_path / "whole", []))
+    whole = final_digest()
+    preemption.reset()
+    try:
+        preemption.add_source(lambda: "test" if preemption._step[0] == 6 else None)
+        stopped = train(cfg, local_context(tmp_path / "cut", []))
+    finally:
+        preemption.reset()
+    caplog.clear()
+    meta = checkpoint.read_meta(checkpoint.find_latest(tmp_path / "cut"))
+    assert stopped["status"] == "preempted" and stopped["steps"] == 6
+    assert meta["step"] == 6 and meta["status"] == "preempted" and meta["data_position"] == 6
+    resumed = train(cfg, local_context(tmp_path / "cut", []))
+    assert resumed["resumed_from"].endswith("checkpoint_step-00000006") and resumed["steps"] == 8
+    assert final_digest() == whole
