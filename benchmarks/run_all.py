@@ -23,6 +23,7 @@ SCRIPTS = {  # name -> file, in the order of the data flow
     "sizing": "loader_sizing.py",
     "train": "bench_train.py",
     "launchers": "bench_launchers.py",
+    "serving": "bench_serving.py",
     "gpu": "gpu.py",
 }
 

@@ -48,6 +48,13 @@ def test_gpu_script_without_cuda_prints_flops_and_skip_line(bench_cache):
         assert "| bf16 + channels_last |" in out
 
 
+@pytest.mark.slow  # starts `mlflow models serve`
+def test_serving_benchmark_quick_run_compares_http_with_in_process(bench_cache):
+    out = run_quick("bench_serving.py", bench_cache)
+    assert "| HTTP |" in out and "| in-process |" in out and "p95 " in out
+    assert "serving overhead, one photo: HTTP / in-process latency" in out
+
+
 def test_run_all_rejects_an_unknown_benchmark_name():
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "run_all.py"), "--only", "nope"],
                           cwd=REPO, capture_output=True, text=True, timeout=60)

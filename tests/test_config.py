@@ -82,7 +82,8 @@ def test_configuration_doc_gives_every_key_its_default_and_a_meaning():
 # --config FILE / --set key=value); the others take only their own flags, as the README says.
 ENTRY_POINTS = {"preprocess": ("unet_dist.preprocess", True), "train": ("unet_dist.train.cli", True),
                 "demo": ("unet_dist.demo", True), "evaluate": ("unet_dist.evaluate", False),
-                "predict": ("unet_dist.predict", False), "synth": ("unet_dist.synth.cli", False)}
+                "predict": ("unet_dist.predict", False), "synth": ("unet_dist.synth.cli", False),
+                "tune": ("unet_dist.tune", True)}
 
 
 @pytest.mark.parametrize("name", ENTRY_POINTS)

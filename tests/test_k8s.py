@@ -23,10 +23,11 @@ KUBE_VERSION = "1.32"  # the oldest API we target; kubectl here is v1.32
 NAMESPACE = "unet-dist"
 UID = 1000
 MLFLOW_URI = f"http://mlflow.{NAMESPACE}.svc.cluster.local:5000"
-LAUNCHERS = ("ray", "trainjob", "pytorchjob")
+LAUNCHERS = ("ray", "trainjob", "pytorchjob", "tune")
+APPS = (*LAUNCHERS, "serve")  # sub-kustomizations applied on their own: the launchers and serving
 OVERLAYS = ("cpu-smoke", "gpu")
 # What `python -m unet_dist.X` may name: the project's entry points.
-ENTRY_POINTS = {"preprocess", "train", "evaluate", "predict", "demo", "synth"}
+ENTRY_POINTS = {"preprocess", "train", "evaluate", "predict", "demo", "synth", "tune"}
 BUILT_IN = {"v1", "apps/v1", "batch/v1"}
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|CREDENTIAL|(^|_)KEY($|_)", re.IGNORECASE)
 # A resource quantity, as the API server parses it (the OpenAPI schema only says "string").
@@ -36,9 +37,9 @@ KUBECTL = shutil.which("kubectl")
 
 
 def kustomizations() -> list[str]:
-    dirs = ["base", *(f"base/{x}" for x in LAUNCHERS)]
+    dirs = ["base", *(f"base/{x}" for x in APPS)]
     for overlay in OVERLAYS:
-        dirs += [f"overlays/{overlay}", *(f"overlays/{overlay}/{x}" for x in LAUNCHERS)]
+        dirs += [f"overlays/{overlay}", *(f"overlays/{overlay}/{x}" for x in APPS)]
     return dirs
 
 
@@ -57,8 +58,8 @@ def render(rel: str) -> list[dict]:
 
 
 def deployment(overlay: str) -> list[dict]:
-    """Everything one overlay applies: its infrastructure and all its launchers."""
-    return [obj for rel in (f"overlays/{overlay}", *(f"overlays/{overlay}/{x}" for x in LAUNCHERS)) for obj in render(rel)]
+    """Everything one overlay applies: its infrastructure, all its launchers and serving."""
+    return [obj for rel in (f"overlays/{overlay}", *(f"overlays/{overlay}/{x}" for x in APPS)) for obj in render(rel)]
 
 
 def walk(node, path=()):
@@ -155,7 +156,7 @@ def test_custom_resources_carry_the_fields_their_operators_require(overlay):
     for job in by_kind["RayJob"]:
         spec = job["spec"]
         assert job["apiVersion"] == "ray.io/v1"
-        assert spec["entrypoint"].startswith("python -m unet_dist.train ")
+        assert spec["entrypoint"].startswith(("python -m unet_dist.train ", "python -m unet_dist.tune "))
         env_vars = yaml.safe_load(spec["runtimeEnvYAML"])["env_vars"]
         assert env_vars["MLFLOW_TRACKING_URI"] == MLFLOW_URI
         assert not {"pip", "conda", "uv", "working_dir"} & set(yaml.safe_load(spec["runtimeEnvYAML"]))
@@ -277,7 +278,10 @@ def test_commands_name_real_entry_points_and_config_files(overlay):
                 assert config.startswith("/app/jobs/configs/"), f"{where(obj)}: --config {config} is not in the image's jobs/configs"
                 assert (REPO / "jobs" / "configs" / Path(config).name).is_file(), f"{where(obj)}: {config} does not exist"
                 seen_configs.add(Path(config).name)
-    assert {"preprocess", "train"} <= seen_modules
+            for search in re.findall(r"--search[= ](\S+)", command):
+                assert search.startswith("/app/jobs/sweeps/"), f"{where(obj)}: --search {search} is not in the image's jobs/sweeps"
+                assert (REPO / "jobs" / "sweeps" / Path(search).name).is_file(), f"{where(obj)}: {search} does not exist"
+    assert {"preprocess", "train", "tune"} <= seen_modules
     assert seen_configs == ({"smoke.yaml"} if overlay == "cpu-smoke" else {"cityscapes.yaml"})
 
 
@@ -386,9 +390,11 @@ def test_data_shards_and_checkpoints_live_on_the_shared_volume(overlay):
     assert pvc["metadata"]["name"] == "unet-dist-shared"
     assert pvc["spec"]["accessModes"] == (["ReadWriteOnce"] if overlay == "cpu-smoke" else ["ReadWriteMany"])
     # Every container of the project's image (entry points, Ray nodes, MLflow) mounts the claim
-    # at /mnt/shared; only KubeRay's job submitter, which just talks HTTP, does without.
+    # at /mnt/shared; only KubeRay's job submitter and the model server, which just talk HTTP, do without.
     checked = 0
     for obj in objects:
+        if obj["metadata"]["labels"].get("app.kubernetes.io/component") == "serve":
+            continue
         for _, spec in pod_specs(obj):
             claims = {v["name"] for v in spec.get("volumes", [])
                       if v.get("persistentVolumeClaim", {}).get("claimName") == pvc["metadata"]["name"]}
@@ -459,3 +465,46 @@ def test_preprocess_job_waits_for_real_data_but_not_for_synthetic(overlay):
         assert "/mnt/shared/data/synth" in init[0]["args"]
     else:
         assert not init
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_sweep_rayjob_is_the_training_cluster_with_pods_labelled_tune(overlay):
+    (train,) = [o for o in render(f"overlays/{overlay}/ray") if o["kind"] == "RayJob"]
+    (sweep,) = [o for o in render(f"overlays/{overlay}/tune") if o["kind"] == "RayJob"]
+    assert sweep["metadata"]["name"] != train["metadata"]["name"]
+    assert sweep["spec"]["entrypoint"].startswith("python -m unet_dist.tune --config ")
+    assert "--search /app/jobs/sweeps/" in sweep["spec"]["entrypoint"]
+    labels = [(t.get("metadata") or {}).get("labels", {}) for _, t in pod_templates(sweep)]
+    assert len(labels) == 3 and all(lab["app.kubernetes.io/component"] == "tune" for lab in labels)
+
+    def without_labels(spec):
+        return yaml.safe_load(re.sub(r"app\.kubernetes\.io/component: \w+", "", yaml.safe_dump(spec)))
+
+    assert without_labels(sweep["spec"]["rayClusterSpec"]) == without_labels(train["spec"]["rayClusterSpec"])
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_model_server_serves_the_registered_model_from_mlflow_with_probes(overlay):
+    from unet_dist.config import load_config
+
+    objects = deployment(overlay)
+    server = next(o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == "unet-serve")
+    template = server["spec"]["template"]
+    assert template["metadata"]["labels"]["app.kubernetes.io/component"] == "serve"
+    assert template["metadata"]["labels"]["app.kubernetes.io/name"] == "unet-dist"
+    (c,) = template["spec"]["containers"]
+    script = " ".join(command_strings(server))
+    assert "mlflow models serve" in script and "--env-manager local" in script and "--host 0.0.0.0" in script
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    config = "smoke.yaml" if overlay == "cpu-smoke" else "cityscapes.yaml"
+    registered = load_config(REPO / "jobs" / "configs" / config).mlflow.registered_model
+    assert env["MODEL_URI"].startswith(f"models:/{registered}/"), (env["MODEL_URI"], registered)
+    assert {e["configMapRef"]["name"] for e in c["envFrom"]} == {"unet-dist-env"}  # MLFLOW_TRACKING_URI
+    assert int(env["UNET_SERVE_MAX_PIXELS"]) > 0
+    assert c["readinessProbe"]["httpGet"]["path"] == "/ping" and c["livenessProbe"]["httpGet"]["path"] == "/health"
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert {m["mountPath"] for m in c["volumeMounts"]} == {"/tmp"}
+    svc = next(o for o in objects if o["kind"] == "Service" and o["metadata"]["name"] == "unet-serve")
+    assert svc["spec"]["selector"].items() <= template["metadata"]["labels"].items()
+    port = next(p for p in c["ports"] if p["name"] == svc["spec"]["ports"][0]["targetPort"])
+    assert f"--port {port['containerPort']}" in script

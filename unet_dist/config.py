@@ -109,9 +109,16 @@ class MlflowConfig:
     experiment: str = "unet_dist"  # MLflow experiment name (created when missing)
     run_name: str = ""  # empty: train.run_name
     registered_model: str = "unet-cityscapes"  # empty: do not register
-    log_model: bool = True  # log the final model (pt2 program + weights) to the run
+    log_model: bool = True  # log the final model (the serving pyfunc: weights, config, labels) to the run
     system_metrics: bool = True  # CPU/memory (and GPU when present) sampled by rank 0
     system_metrics_interval: float = 10.0  # seconds between system metric samples
+
+
+@dataclass
+class ServeConfig:
+    max_pixels: int = 4_194_304  # largest photo (height x width) the served model accepts; $UNET_SERVE_MAX_PIXELS overrides
+    max_batch: int = 32  # most photos in one request
+    tile: int = 0  # largest window side sent through the network at once (bounds memory); 0 = whole photo
 
 
 @dataclass
@@ -122,6 +129,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
 
 def _check_value(value: Any, tp: Any, key: str, origin: str) -> Any:

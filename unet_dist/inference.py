@@ -10,9 +10,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 
+from unet_dist.data.loader import MEAN, STD, normalize
 from unet_dist.model import margin, mirror_pad, output_size, valid_input_size
 
 
@@ -97,3 +99,24 @@ def predict_logits(model: nn.Module, image: torch.Tensor, tile: int | None = Non
             out[..., y0 : y0 + bh, x0 : x0 + bw] = logits[..., ay.keep : ay.keep + bh, ax.keep : ax.keep + bw]
     assert out is not None
     return out
+
+
+@torch.no_grad()
+def segment(model: nn.Module, photos: list[np.ndarray], *, device: str | torch.device = "cpu",
+            mean: np.ndarray = MEAN, std: np.ndarray = STD, tile: int | None = None) -> list[np.ndarray]:
+    """(H, W, 3) uint8 photos -> (H, W) uint8 trainId masks, each at its photo's size.
+
+    The one path from photos to masks: ``predict``, the served pyfunc and the benchmarks call it.
+    Photos of the same size go through the model together; others one size at a time.
+    """
+    masks: list[np.ndarray | None] = [None] * len(photos)
+    by_size: dict[tuple[int, int], list[int]] = {}
+    for i, photo in enumerate(photos):
+        by_size.setdefault(photo.shape[:2], []).append(i)
+    for idx in by_size.values():
+        x = torch.stack([normalize(photos[i], mean, std) for i in idx]).to(device)
+        ids = predict_logits(model, x, tile).argmax(1).to(torch.uint8).cpu().numpy()
+        for i, m in zip(idx, ids):
+            masks[i] = m
+    return masks  # type: ignore[return-value]
+

@@ -1,7 +1,9 @@
 """Load a trained U-Net for inference from a checkpoint path, ``runs:/...`` or ``models:/...``.
 
-Logged MLflow models carry our weights and config as extra files, so they rebuild the same
-:class:`UNet` as a checkpoint does and run at any image size (overlap-tile in 'valid' mode).
+Logged MLflow models (the serving pyfunc, see :mod:`unet_dist.serve`) carry our tensor-only weights
+and config as artifacts, so they rebuild the same :class:`UNet` as a checkpoint does and run at any
+image size (overlap-tile in 'valid' mode). Models logged before the pyfunc kept the same two files
+under ``extra_files/``; they still load.
 """
 from __future__ import annotations
 
@@ -15,32 +17,37 @@ from unet_dist.errors import UnetDistError
 from unet_dist.model import UNet
 from unet_dist.train import checkpoint
 
+WEIGHTS, CONFIG = "weights.pt", "unet_config.json"
 
-def _from_mlflow(uri: str) -> tuple[dict, Config]:
+
+def from_files(weights: Path, config: Path, source: str) -> tuple[UNet, Config]:
+    """The model (eval mode, CPU) from a tensor-only state dict and the config JSON it was trained with."""
+    cfg = from_dict(json.loads(Path(config).read_text()), f"{source} {CONFIG}")
+    model = UNet.from_config(cfg.model)
+    checkpoint.load_weights(model, torch.load(weights, map_location="cpu", weights_only=True), source)
+    return model.eval(), cfg
+
+
+def _from_mlflow(uri: str) -> tuple[UNet, Config]:
     import mlflow
 
     try:
         local = Path(mlflow.artifacts.download_artifacts(uri))
     except Exception as e:
         raise UnetDistError(f"{uri}: cannot fetch model from MLflow ({str(e).splitlines()[0]})") from None
-    extra = local / "extra_files"
-    cfg_file, weights = extra / "unet_config.json", extra / "weights.pt"
-    if not cfg_file.is_file() or not weights.is_file():
-        raise UnetDistError(f"{uri}: not a unet_dist model (expected extra_files/unet_config.json and weights.pt)")
-    state = torch.load(weights, map_location="cpu", weights_only=True)
-    return state, from_dict(json.loads(cfg_file.read_text()), f"{uri} unet_config.json")
+    for folder in (local / "artifacts", local / "extra_files"):
+        if (folder / CONFIG).is_file() and (folder / WEIGHTS).is_file():
+            return from_files(folder / WEIGHTS, folder / CONFIG, uri)
+    raise UnetDistError(f"{uri}: not a unet_dist model (expected artifacts/{CONFIG} and {WEIGHTS})")
 
 
 def load_model(spec: str, device: str | torch.device = "cpu") -> tuple[UNet, Config]:
     """The model in eval mode and the config it was trained with."""
     if spec.startswith(("runs:/", "models:/")):
-        state, cfg = _from_mlflow(spec)
-        source = spec
+        model, cfg = _from_mlflow(spec)
     else:
         directory = checkpoint.resolve(spec)
         cfg = from_dict(checkpoint.read_meta(directory)["config"], f"{directory}/meta.json")
-        state = checkpoint.load_state(directory)["model"]
-        source = str(directory)
-    model = UNet.from_config(cfg.model)
-    checkpoint.load_weights(model, state, source)
+        model = UNet.from_config(cfg.model)
+        checkpoint.load_weights(model, checkpoint.load_state(directory)["model"], str(directory))
     return model.to(device).eval(), cfg

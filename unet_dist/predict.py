@@ -15,9 +15,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from unet_dist.cli import run_main
-from unet_dist.data.loader import normalize
 from unet_dist.errors import UnetDistError
-from unet_dist.inference import predict_logits
+from unet_dist.inference import segment
 from unet_dist.labels import colorize
 from unet_dist.viz import overlay
 
@@ -49,13 +48,6 @@ def read_photo(path: Path, pairs: bool) -> np.ndarray:
     return np.ascontiguousarray(photo)
 
 
-@torch.no_grad()
-def segment(model: torch.nn.Module, photo: np.ndarray, device: torch.device) -> np.ndarray:
-    """(H, W, 3) uint8 photo -> (H, W) uint8 trainIds."""
-    x = normalize(photo).unsqueeze(0).to(device)
-    return predict_logits(model, x).argmax(1)[0].cpu().numpy().astype(np.uint8)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m unet_dist.predict", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="checkpoint dir, run dir, runs:/... or models:/...")
@@ -75,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
         root = Path(args.input) if Path(args.input).is_dir() else Path(args.input).parent
         for path in inputs:
             photo = read_photo(path, args.pairs)
-            ids = segment(model, photo, torch.device(args.device))
+            (ids,) = segment(model, [photo], device=args.device)
             stem = "__".join(path.relative_to(root).with_suffix("").parts)
             Image.fromarray(colorize(ids)).save(out / f"{stem}_color.png")
             Image.fromarray(ids).save(out / f"{stem}_trainIds.png")

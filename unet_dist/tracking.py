@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from unet_dist import labels, viz
-from unet_dist.config import Config, dump_yaml, flatten, to_dict
+from unet_dist.config import Config, dump_yaml, flatten
 from unet_dist.data import shards
 from unet_dist.evaluation import format_table
 from unet_dist.files import sha256_file
@@ -149,32 +148,10 @@ class RunLogger:
         self.image(viz.confusion_heatmap(result["confusion"], labels.CLASS_NAMES), f"eval/confusion_{tag}.png")
 
     def model(self, model, cfg: Config, example_hw: tuple[int, int]) -> str | None:
-        """Log the model (pt2 program for serving, plus our weights + config for any-size inference)."""
-        import torch
-        from mlflow.models import infer_signature
+        """Log and register the serving pyfunc (photos in, masks out); ``example_hw`` sizes its input example."""
+        from unet_dist import serve
 
-        model = model.eval().cpu()
-        example = torch.zeros(2, cfg.model.in_channels, *example_hw)
-        with torch.no_grad():
-            out = model(example)
-        signature = infer_signature(example.numpy(), out.numpy())
-        # Any height/width: the exporter keeps dims marked -1 dynamic where it can.
-        signature.inputs.inputs[0]._shape = (-1, cfg.model.in_channels, -1, -1)
-        signature.outputs.inputs[0]._shape = (-1, cfg.model.num_classes, -1, -1)
-        extra = []
-        with tempfile.TemporaryDirectory() as tmp:
-            (Path(tmp) / "unet_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-            extra.append(str(Path(tmp) / "unet_config.json"))
-            weights = Path(tmp) / "weights.pt"
-            torch.save(model.state_dict(), weights)
-            extra.append(str(weights))
-            info = self.mlflow.pytorch.log_model(
-                model, name="model", input_example=example.numpy(), signature=signature,
-                registered_model_name=cfg.mlflow.registered_model or None, extra_files=extra,
-                pip_requirements=["torch", "numpy"],
-                serialization_format="pt2",  # never a pickled module (mlflow picks pickle on Databricks)
-            )
-        return info.model_uri
+        return serve.log_model(model.eval().cpu(), cfg, example_hw, cfg.mlflow.registered_model or None)
 
     def close(self, status: str = "FINISHED") -> None:
         self.mlflow.end_run(status=status)

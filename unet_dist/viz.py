@@ -193,3 +193,66 @@ def quantizer_picture(quantizer: dict, row_h: int = 18, width: int = 420) -> Ima
             ("text", (f"{names[i] or '?'} -> {klass}  d={float(distances[i]):.1f}", WARN if ignored else TEXT)),
         ])
     return canvas
+
+
+def sweep_scatter(rows: Sequence[dict], keys: Sequence[str], metric: str, log_keys: Sequence[str] = (),
+                  panel: tuple[int, int] = (220, 160)) -> Image.Image:
+    """One panel per searched key: the metric (y) of each trial against the key's value (x).
+
+    ``rows``: one dict per trial with the keys, ``metric`` and ``status`` (finished trials are
+    filled dots, early-stopped ones hollow). Numbers sit on a linear axis (log for ``log_keys``),
+    anything else (lists, strings, booleans) on evenly spaced categories.
+    """
+    pw, ph = panel
+    pad_l, pad_b, pad_t = 40, 28, HEADER
+    scores = [r.get(metric) for r in rows]
+    finite = [float(s) for s in scores if isinstance(s, (int, float)) and np.isfinite(s)]
+    lo, hi = (min(finite), max(finite)) if finite else (0.0, 1.0)
+    if hi - lo < 1e-9:
+        lo, hi = lo - 0.05, hi + 0.05
+    legend_h = 16
+    canvas = Image.new("RGB", (len(keys) * (pw + GAP), ph + legend_h), BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    for i, key in enumerate(keys):
+        x0 = i * (pw + GAP)
+        values = [r.get(key) for r in rows]
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        if numeric and key in log_keys:
+            values = [float(np.log10(v)) if v > 0 else np.nan for v in values]
+        if numeric:
+            vmin, vmax = min(values), max(values)
+            span = (vmax - vmin) or 1.0
+            pos = [(v - vmin) / span * 0.8 + 0.1 for v in values]
+            ticks = [(0.1, vmin), (0.9, vmax)]
+        else:
+            cats = sorted({str(v) for v in values})
+            pos = [(cats.index(str(v)) + 0.5) / len(cats) for v in values]
+            ticks = [((j + 0.5) / len(cats), c) for j, c in enumerate(cats)]
+        left, right, top, bottom = x0 + pad_l, x0 + pw - 6, pad_t, ph - pad_b
+        draw.rectangle((left, top, right, bottom), outline=(160, 160, 160))
+        title = f"{metric} vs {key}" + (" (log10)" if numeric and key in log_keys else "")
+        draw.text((x0 + 4, 3), title, fill=TEXT, font=_font())
+        for frac, val in ((0.0, lo), (1.0, hi)):
+            y = bottom - frac * (bottom - top)
+            draw.text((x0 + 2, y - 5), f"{val:.3f}", fill=TEXT, font=_font())
+        for frac, val in ticks:
+            label = f"{val:.3g}" if isinstance(val, float) else str(val)
+            tw, _ = _text_size(draw, label)
+            draw.text((left + frac * (right - left) - tw / 2, bottom + 4), label, fill=TEXT, font=_font())
+        for p, s, r in zip(pos, scores, rows):
+            if not (isinstance(s, (int, float)) and np.isfinite(s)) or not np.isfinite(p):
+                continue
+            cx = left + p * (right - left)
+            cy = bottom - (float(s) - lo) / (hi - lo) * (bottom - top)
+            color = tuple(int(c) for c in colormap(np.array([(float(s) - lo) / (hi - lo)]))[0])
+            box = (cx - 4, cy - 4, cx + 4, cy + 4)
+            if r.get("status") == "finished":
+                draw.ellipse(box, fill=color, outline=TEXT)
+            else:
+                draw.ellipse(box, outline=WARN, width=2)
+    y = ph + 2
+    draw.ellipse((6, y + 2, 14, y + 10), fill=tuple(int(c) for c in _CMAP_STOPS[2]), outline=TEXT)
+    draw.text((18, y), "finished", fill=TEXT, font=_font())
+    draw.ellipse((86, y + 2, 94, y + 10), outline=WARN, width=2)
+    draw.text((98, y), "stopped early / failed", fill=TEXT, font=_font())
+    return canvas

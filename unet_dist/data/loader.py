@@ -114,16 +114,16 @@ def decode_sample(sample: dict, aug: Augment | None = None,
     return image, label, key if plan is None else plan
 
 
-def normalize(image: np.ndarray) -> torch.Tensor:
-    """(H, W, 3) uint8 -> (3, H, W) float32, ImageNet mean/std (evaluation and prediction; training
-    batches are normalised on the device by :func:`to_device`).
+def normalize(image: np.ndarray, mean: np.ndarray = MEAN, std: np.ndarray = STD) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (3, H, W) float32, ImageNet mean/std (or those a logged model carries), for
+    evaluation and prediction; training batches are normalised on the device by :func:`to_device`.
 
     Transposed while still uint8, then normalised in place per channel plane: the same float32
     values as ``(image - MEAN) / STD``, several times faster (benchmarks/bench_loader.py).
     """
     x = np.ascontiguousarray(image.transpose(2, 0, 1)).astype(np.float32)
-    x -= MEAN[:, None, None]
-    x /= STD[:, None, None]
+    x -= mean[:, None, None]
+    x /= std[:, None, None]
     return torch.from_numpy(x)
 
 

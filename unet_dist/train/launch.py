@@ -45,14 +45,14 @@ def preflight(cfg: Config) -> None:
         checkpoint.check_model(latest, to_dict(cfg)["model"])
 
 
-def open_run(cfg: Config, launcher: str, world: int) -> tuple[str, str | None]:
+def open_run(cfg: Config, launcher: str, world: int, tags: dict[str, str] | None = None) -> tuple[str, str | None]:
     """The MLflow run for this job: the one recorded in the newest checkpoint, or a new one."""
     from unet_dist.tracking import start_run
 
     latest = checkpoint.find_latest(run_dir(cfg))
     resume_id = checkpoint.read_meta(latest).get("mlflow_run_id") if latest else None
     run_id = start_run(cfg, resume_run_id=resume_id, tags={
-        "launcher": launcher, "unet_dist.run_name": cfg.train.run_name, "world_size": str(world)})
+        "launcher": launcher, "unet_dist.run_name": cfg.train.run_name, "world_size": str(world), **(tags or {})})
     return run_id, str(latest) if latest else None
 
 
@@ -116,7 +116,7 @@ def run_torchrun(cfg: Config) -> dict | None:
 PREEMPT_NAMESPACE = "unet_dist_preempt"
 
 
-def _watch_preemption(key: str) -> None:
+def _watch_preemption(key: str | None) -> None:
     """In a Ray Train worker: a SIGTERM to this process and the driver's flag (it got SIGTERM) become
     a preemption request. The handler must be installed by the worker actor's main thread (the loop
     runs in another thread), so it is sent there as an actor task; it replaces Ray's handler, which
@@ -128,8 +128,9 @@ def _watch_preemption(key: str) -> None:
     actor = ray.get_runtime_context().current_actor
     if not ray.get(actor.execute.remote(preemption.install)):
         log.warning("no SIGTERM handler in this Ray worker: a SIGTERM to it ends it without a checkpoint")
-    preemption.add_source(lambda: "driver got SIGTERM" if internal_kv._internal_kv_get(
-        key, namespace=PREEMPT_NAMESPACE) else None)
+    if key:
+        preemption.add_source(lambda: "driver got SIGTERM" if internal_kv._internal_kv_get(
+            key, namespace=PREEMPT_NAMESPACE) else None)
 
 
 def _forward_driver_preemption(key: str) -> None:
@@ -155,7 +156,7 @@ def _ray_worker(loop_config: dict) -> dict:
 
     cfg = from_dict(loop_config["config"], "loop config")
     rc = ray.train.get_context()
-    _watch_preemption(loop_config["preempt_key"])
+    _watch_preemption(loop_config.get("preempt_key"))
     directory = Path(loop_config["run_dir"])
 
     def report(metrics: dict, tmp: Path | None) -> None:
@@ -184,39 +185,48 @@ def _ray_worker(loop_config: dict) -> dict:
         return {"status": "error", "error": str(e)}
 
 
-def run_ray(cfg: Config) -> dict:
-    """Start a TorchTrainer on ``$RAY_ADDRESS`` (or a local Ray) and wait for it."""
+def init_ray() -> None:
+    """Join ``$RAY_ADDRESS``, or start a private local Ray for this job (never a stale one from /tmp/ray)."""
     import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(address="local", log_to_driver=True)
+
+
+def ray_trainer(cfg: Config, run_id: str, callbacks: tuple = (), gpus_per_worker: float = 1.0):
+    """The TorchTrainer over :func:`_ray_worker` for ``cfg`` (absolute paths), logging to ``run_id``.
+    One builder for a plain training job and for each trial of a sweep (unet_dist.tune)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    cfg = absolute_paths(cfg)
     t = cfg.train
-    preflight(cfg)
-    run_id, resumed = open_run(cfg, "ray", t.workers)
-    if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS")
-        if address:
-            ray.init(address=address, log_to_driver=True)
-        else:
-            # "local" always starts a private cluster for this job (never a stale one from /tmp/ray).
-            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-            ray.init(address="local", log_to_driver=True)
-    preempt_key = f"{t.run_name}/{run_id or os.getpid()}"
-    _forward_driver_preemption(preempt_key)
-    trainer = TorchTrainer(
+    preempt_key = f"{t.run_name}/{run_id}"  # the flag the driver sets on SIGTERM (run_ray)
+    return TorchTrainer(
         _ray_worker,
         train_loop_config={"config": to_dict(cfg), "run_id": run_id, "run_dir": str(run_dir(cfg)),
                            "preempt_key": preempt_key},
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=t.workers, use_gpu=t.use_gpu,
-                                     resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}),
+                                     resources_per_worker={"CPU": t.cpus_per_worker,
+                                                           **({"GPU": gpus_per_worker} if t.use_gpu else {})}),
         run_config=RunConfig(
             name=t.run_name, storage_path=t.checkpoint_dir,
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=list(callbacks),
         ),
     )
+
+
+def fit_ray(cfg: Config, trainer, run_id: str, resumed: str | None) -> dict:
+    """Run ``trainer`` to the end; a failure becomes one UnetDistError and a FAILED MLflow run."""
+    t = cfg.train
     try:
         result = trainer.fit()
     except Exception as e:  # TrainingFailedError wraps the worker's exception
@@ -238,4 +248,14 @@ def run_ray(cfg: Config) -> dict:
     return {"status": metrics.get("status", "finished"), "steps": metrics.get("step"),
             "best_miou": metrics.get("best_miou"), "val_miou": metrics.get("val_miou"),
             "world_size": t.workers, "resumed_from": resumed, "mlflow_run_id": run_id,
-            "checkpoint": str(latest) if latest else None}
+            "model_uri": returned.get("model_uri"), "checkpoint": str(latest) if latest else None}
+
+
+def run_ray(cfg: Config) -> dict:
+    """Start a TorchTrainer on ``$RAY_ADDRESS`` (or a local Ray) and wait for it."""
+    cfg = absolute_paths(cfg)
+    preflight(cfg)
+    run_id, resumed = open_run(cfg, "ray", cfg.train.workers)
+    init_ray()
+    _forward_driver_preemption(f"{cfg.train.run_name}/{run_id}")
+    return fit_ray(cfg, ray_trainer(cfg, run_id), run_id, resumed)
