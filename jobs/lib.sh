@@ -55,3 +55,32 @@ resolve_config() {
     fi
     die "CONFIG=$CONFIG: config file not found"
 }
+
+# run_torchrun CMD...: like run, for a torchrun command. SIGTERM/SIGINT to this script go on to
+# torchrun, whose agent forwards them to every rank; the ranks checkpoint at the next step boundary
+# and stop. torchrun itself then exits 1 (it was signalled); when the ranks stopped for a preemption
+# (a rank wrote $UNET_DIST_PREEMPTED_FILE) this exits 75 instead, so a scheduler can tell a
+# preemption with a checkpoint from a failure (docs: Reliability, preemption).
+run_torchrun() {
+    if [[ "${DRY_RUN:-0}" == "1" ]]; then
+        run "$@"
+        return
+    fi
+    local marker pid rc=0
+    marker="$(mktemp)"
+    export UNET_DIST_PREEMPTED_FILE="$marker"
+    "$@" &
+    pid=$!
+    trap 'kill -TERM "$pid" 2>/dev/null || true' TERM
+    trap 'kill -INT "$pid" 2>/dev/null || true' INT
+    while :; do
+        wait "$pid" && rc=0 || rc=$?
+        kill -0 "$pid" 2>/dev/null || break  # wait was cut short by a trapped signal
+    done
+    trap - TERM INT
+    if ((rc != 0)) && [[ -s "$marker" ]]; then
+        rc=75
+    fi
+    rm -f "$marker"
+    return "$rc"
+}

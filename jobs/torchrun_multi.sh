@@ -36,7 +36,7 @@ CONFIG="${CONFIG:-jobs/configs/cityscapes.yaml}"
 resolve_config
 to_set_args "$@"
 
-run "${TORCHRUN:-torchrun}" \
+run_torchrun "${TORCHRUN:-torchrun}" \
     --nnodes="$NNODES" \
     --node-rank="$NODE_RANK" \
     --nproc-per-node="${NPROC:-auto}" \

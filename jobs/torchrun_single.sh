@@ -27,7 +27,7 @@ CONFIG="${CONFIG:-jobs/configs/pairs.yaml}"
 resolve_config
 to_set_args "$@"
 
-run "${TORCHRUN:-torchrun}" --standalone \
+run_torchrun "${TORCHRUN:-torchrun}" --standalone \
     --nproc-per-node="${NPROC:-auto}" \
     --max-restarts="${MAX_RESTARTS:-3}" \
     -m unet_dist.train --config "$CONFIG" "${SET_ARGS[@]}"

@@ -90,7 +90,7 @@ class TrainConfig:
     channels_last: bool = False  # NHWC memory format (faster convs on recent GPUs)
     compile: bool = False  # torch.compile the model
     loader_workers: int = 1  # data loader processes per rank
-    shuffle_buffer: int = 64  # samples shuffled in memory per loader
+    shuffle_buffer: int = 64  # samples shuffled in memory by data.loader.train_loader (benchmarks); training itself draws a full permutation per epoch (data/stream.py)
     eval_every: int = 250  # steps; 0 = only at the end
     eval_batches: int = 0  # 0 = the whole val split
     checkpoint_every: int = 250  # steps

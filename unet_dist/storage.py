@@ -281,6 +281,18 @@ def read_bytes(url: str | Path) -> bytes:
         return f.read()
 
 
+def read_range(url: str | Path, offset: int, length: int) -> bytes:
+    """``length`` bytes from ``offset`` (one ranged GET on S3, retried like every call): the
+    training stream's random access into uncompressed tar shards."""
+    if not is_remote(url):
+        with open(url, "rb") as f:
+            f.seek(offset)
+            return f.read(length)
+    client, bucket, key = _s3(str(url))
+    return _call("get", str(url), lambda: client.get_object(
+        Bucket=bucket, Key=key, Range=f"bytes={offset}-{offset + length - 1}")["Body"].read())
+
+
 def read_text(url: str | Path) -> str:
     return read_bytes(url).decode()
 

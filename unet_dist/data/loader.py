@@ -93,9 +93,11 @@ def decode_label(data: bytes, box: tuple[int, int, int, int] | None = None) -> n
     return label if box is None else label[box[0]:box[2], box[1]:box[3]]
 
 
-def decode_sample(sample: dict, aug: Augment | None = None) -> tuple[np.ndarray, np.ndarray, object]:
+def decode_sample(sample: dict, aug: Augment | None = None,
+                  rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray, object]:
     """Photo (H, W, 3) uint8 and label (H, W) uint8 trainIds from one shard sample, and its key.
-    With ``aug``: a random :class:`Plan` instead of the key, and only the pixels under its box."""
+    With ``aug``: a random :class:`Plan` (drawn from ``rng`` when given) instead of the key, and
+    only the pixels under its box."""
     key = sample.get("__key__", "?")
     where = f"{sample.get('__url__', 'shard')}: sample {key}"
     photo = _photo_members(sample)
@@ -105,7 +107,8 @@ def decode_sample(sample: dict, aug: Augment | None = None) -> tuple[np.ndarray,
         plan = box = None
         if aug is not None:
             # np.random is seeded per loader worker from torch's seed (see _seed_numpy), so runs repeat.
-            plan = draw_plan(*photo_size(photo), aug, np.random.default_rng(np.random.randint(2**31)))
+            rng = rng if rng is not None else np.random.default_rng(np.random.randint(2**31))
+            plan = draw_plan(*photo_size(photo), aug, rng)
             box = plan.box
         image = decode_photo(photo, box)
         label = decode_label(sample["label.png"], box)

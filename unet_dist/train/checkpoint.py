@@ -184,3 +184,38 @@ def load_weights(model: torch.nn.Module, state_dict: dict, source: str) -> None:
         raise UnetDistError(
             f"{source}: checkpoint does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
+
+
+def rank_state(model: torch.nn.Module) -> dict:
+    """What differs between ranks and an exact resume needs: RNG states and the BatchNorm running
+    statistics, which each rank updates from its own batches between the steps that average them."""
+    return {"rng": rng_state(),
+            "buffers": {name: b.detach().cpu().clone() for name, b in model.named_buffers()}}
+
+
+def gather_rank_states(model: torch.nn.Module, world_size: int) -> list[dict] | None:
+    """Every rank's :func:`rank_state`, on rank 0 (None elsewhere). A collective: all ranks call it."""
+    mine = rank_state(model)
+    if world_size == 1:
+        return [mine]
+    import torch.distributed as dist
+
+    states: list = [None] * world_size if dist.get_rank() == 0 else None
+    dist.gather_object(mine, states, dst=0)
+    return states
+
+
+def restore_rank_state(model: torch.nn.Module, state: dict, rank: int, world_size: int) -> bool:
+    """Restore this rank's RNG and buffers; False when the checkpoint was made by another world size
+    (then rank 0's RNG state is used and the resume is not exact)."""
+    ranks = state.get("ranks")
+    if not ranks or len(ranks) != world_size:
+        set_rng_state(state["rng"])
+        return False
+    mine = ranks[rank]
+    set_rng_state(mine["rng"])
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if name in mine["buffers"]:
+                buf.copy_(mine["buffers"][name].to(buf.device))
+    return True

@@ -38,18 +38,23 @@ def main(argv: list[str] | None = None) -> None:
 
     def run() -> None:
         from unet_dist.distributed import under_torchrun
-        from unet_dist.train import launch
+        from unet_dist.train import launch, preemption
 
         cfg = config_from_args(args)
         start = time.perf_counter()
         summary = launch.run_torchrun(cfg) if under_torchrun() else launch.run_ray(cfg)
         if summary is None:  # torchrun ranks other than 0
             return
+        if summary.get("rank"):  # a torchrun rank other than 0 that was preempted
+            sys.exit(preemption.EXIT_CODE)
         wall = time.perf_counter() - start
         print("\n".join(["training summary"] + ["  " + line for line in summary_lines(summary, wall)]))
         if args.summary_json:
             with open(args.summary_json, "w") as f:
                 json.dump({**summary, "wall_s": round(wall, 1)}, f, indent=2, default=str)
+        if summary.get("status") == preemption.STATUS:
+            print(f"preempted: resume with the same command (exit code {preemption.EXIT_CODE})", file=sys.stderr)
+            sys.exit(preemption.EXIT_CODE)
         if summary.get("status") != "finished":
             from unet_dist.errors import UnetDistError
 

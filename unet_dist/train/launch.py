@@ -17,7 +17,7 @@ from unet_dist.config import Config, from_dict, to_dict
 from unet_dist.data import shards
 from unet_dist.distributed import init_torchrun_group
 from unet_dist.errors import UnetDistError
-from unet_dist.train import checkpoint
+from unet_dist.train import checkpoint, preemption
 from unet_dist.train.loop import AllRanksError, Context, train
 
 log = logging.getLogger("unet_dist.launch")
@@ -91,6 +91,7 @@ def run_torchrun(cfg: Config) -> dict | None:
     import torch.distributed as dist
 
     local_rank = int(os.environ["LOCAL_RANK"])
+    preemption.install()  # the agent forwards its SIGTERM to every rank
     cfg = absolute_paths(cfg)
     preflight(cfg)  # every rank: the same answer, before any collective
     rank, world = init_torchrun_group("nccl" if cfg.train.use_gpu else "gloo")
@@ -113,18 +114,61 @@ def run_torchrun(cfg: Config) -> dict | None:
             raise
         latest = checkpoint.find_latest(directory)
         summary["checkpoint"] = str(latest) if latest else None
+        if summary["status"] == preemption.STATUS and os.environ.get("UNET_DIST_PREEMPTED_FILE"):
+            # jobs/lib.sh's run_torchrun turns torchrun's exit code 1 into EXIT_CODE when this is set
+            Path(os.environ["UNET_DIST_PREEMPTED_FILE"]).write_text(f"{summary['steps']}\n")
+        if rank != 0 and summary["status"] == preemption.STATUS:
+            return {"status": summary["status"], "rank": rank}  # every rank exits with EXIT_CODE
         return summary if rank == 0 else None
     finally:
         dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------------------- Ray Train
+PREEMPT_NAMESPACE = "unet_dist_preempt"
+
+
+def _watch_preemption(key: str | None) -> None:
+    """In a Ray Train worker: a SIGTERM to this process and the driver's flag (it got SIGTERM) become
+    a preemption request. The handler must be installed by the worker actor's main thread (the loop
+    runs in another thread), so it is sent there as an actor task; it replaces Ray's handler, which
+    would end the worker at once."""
+    import ray
+    from ray.experimental import internal_kv
+
+    preemption.reset()
+    actor = ray.get_runtime_context().current_actor
+    if not ray.get(actor.execute.remote(preemption.install)):
+        log.warning("no SIGTERM handler in this Ray worker: a SIGTERM to it ends it without a checkpoint")
+    if key:
+        preemption.add_source(lambda: "driver got SIGTERM" if internal_kv._internal_kv_get(
+            key, namespace=PREEMPT_NAMESPACE) else None)
+
+
+def _forward_driver_preemption(key: str) -> None:
+    """On the driver: SIGTERM sets the flag the workers poll (they may run on other nodes)."""
+    import threading
+
+    from ray.experimental import internal_kv
+
+    internal_kv._internal_kv_del(key, namespace=PREEMPT_NAMESPACE)
+    preemption.reset()
+    preemption.install()  # after ray.init, which installs its own SIGTERM handler
+
+    def forward() -> None:
+        preemption._requested.wait()
+        log.warning("driver preempted (%s): asking the workers for a checkpoint", preemption.reason())
+        internal_kv._internal_kv_put(key, b"1", overwrite=True, namespace=PREEMPT_NAMESPACE)
+
+    threading.Thread(target=forward, name="preemption-forward", daemon=True).start()
+
 def _ray_worker(loop_config: dict) -> dict:
     """The function Ray Train runs in each worker; rank 0's summary becomes ``Result.return_value``."""
     import ray.train
 
     cfg = from_dict(loop_config["config"], "loop config")
     rc = ray.train.get_context()
+    _watch_preemption(loop_config.get("preempt_key"))
     directory = loop_config["run_dir"]
 
     def report(metrics: dict, tmp: Path | None) -> None:
@@ -175,9 +219,11 @@ def ray_trainer(cfg: Config, run_id: str, callbacks: tuple = (), gpus_per_worker
 
     t = cfg.train
     filesystem, storage_path = storage.pyarrow_filesystem(t.checkpoint_dir)  # S3: same endpoint as boto3
+    preempt_key = f"{t.run_name}/{run_id}"  # the flag the driver sets on SIGTERM (run_ray)
     return TorchTrainer(
         _ray_worker,
-        train_loop_config={"config": to_dict(cfg), "run_id": run_id, "run_dir": str(run_dir(cfg))},
+        train_loop_config={"config": to_dict(cfg), "run_id": run_id, "run_dir": str(run_dir(cfg)),
+                           "preempt_key": preempt_key},
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=t.workers, use_gpu=t.use_gpu,
                                      resources_per_worker={"CPU": t.cpus_per_worker,
@@ -224,4 +270,5 @@ def run_ray(cfg: Config) -> dict:
     preflight(cfg)
     run_id, resumed = open_run(cfg, "ray", cfg.train.workers)
     init_ray()
+    _forward_driver_preemption(f"{cfg.train.run_name}/{run_id}")
     return fit_ray(cfg, ray_trainer(cfg, run_id), run_id, resumed)

@@ -22,12 +22,13 @@ from torch.nn.parallel import DistributedDataParallel
 from unet_dist import labels
 from unet_dist.config import Config
 from unet_dist.data import shards
-from unet_dist.data.loader import Augment, to_device, train_loader
+from unet_dist.data.loader import Augment, to_device
+from unet_dist.data.stream import train_stream
 from unet_dist.errors import UnetDistError
 from unet_dist.evaluation import evaluate_model
 from unet_dist.model import UNet, margin, output_size
 from unet_dist.tracking import NullLogger, RunLogger
-from unet_dist.train import checkpoint
+from unet_dist.train import checkpoint, preemption
 
 log = logging.getLogger("unet_dist.train")
 
@@ -202,6 +203,8 @@ class Run:
     first_bad: torch.Tensor | None = None
     aug: Augment | None = None
     wall_s: float = 0.0
+    preempt_group: object = None  # the process group the preemption flag is agreed on
+    saved: int = -1  # the last step checkpointed
 
 
 def train(cfg: Config, ctx: Context) -> dict:
@@ -241,7 +244,9 @@ def restore(run: Run) -> None:
             else:
                 run.optimizer.load_state_dict(state["optimizer"])
                 run.scheduler.load_state_dict(state["scheduler"])
-                checkpoint.set_rng_state(state["rng"])
+                exact = checkpoint.restore_rank_state(run.model, state, ctx.rank, ctx.world_size)
+                if not exact and ctx.rank == 0:
+                    log.warning("%s was written by another world size: the resume is not exact", ckpt_dir)
                 run.start_step, run.best = int(state["step"]), float(state["best_miou"])
                 ctx.resumed_from = str(ckpt_dir)
     _all_ranks_ok(not error, error, ctx, run.device)
@@ -264,10 +269,12 @@ def prepare(run: Run) -> None:
     aug = run.aug = Augment(crop=run.crop, scale=tuple(t.scale), flip=t.flip,
                             margin=margin(cfg.model.depth) if cfg.model.padding == "valid" else 0)
     run.val_urls = shards.shard_paths(cfg.shards.dir, run.manifest, "val")
-    run.batches = iter(train_loader(
+    # The stream is a pure function of its position: it resumes where the restored step left off.
+    run.batches = iter(train_stream(
         shards.shard_paths(cfg.shards.dir, run.manifest, "train"), aug, t.batch_size, rank=ctx.rank,
-        seed=t.seed + 7 * run.start_step, shuffle_buffer=t.shuffle_buffer, workers=t.loader_workers,
+        world=ctx.world_size, seed=t.seed, start=run.start_step * t.accumulation, workers=t.loader_workers,
         pin_memory=device.type == "cuda", prefetch=cfg.shards.prefetch))
+    run.preempt_group = preemption.cpu_group()
     run.global_batch = t.batch_size * t.accumulation * ctx.world_size
     if ctx.rank == 0 and ctx.run_id:
         run.tracker = RunLogger(cfg, ctx.run_id, resumed=run.start_step > 0)
@@ -290,6 +297,7 @@ def run_steps(run: Run) -> None:
     run.first_bad = torch.full((), NO_STEP, dtype=torch.int64, device=run.device)
     for step in range(run.start_step + 1, t.steps + 1):
         run.step = step
+        preemption.at_step(step)
         bad = _optimizer_step(run)
         if bad is not None:
             run.status, run.step = "non_finite_loss", bad
@@ -299,6 +307,9 @@ def run_steps(run: Run) -> None:
             break
         _log_train(run, step)
         if not _evaluate_and_checkpoint(run, step):
+            break
+        if step < t.steps and preemption.agreed(ctx.world_size, run.preempt_group):
+            _checkpoint_preempted(run, step)
             break
     run.wall_s = time.perf_counter() - t0
 
@@ -388,7 +399,30 @@ def _evaluate_and_checkpoint(run: Run, step: int) -> bool:
         if run.last_scores:
             metrics["val_miou"] = run.last_scores["miou"]
         _save(run, step, metrics)
+        run.saved = step
     return True
+
+
+def _checkpoint_preempted(run: Run, step: int) -> None:
+    """Every rank agreed to stop after ``step`` (a SIGTERM somewhere): save it unless this step was
+    just saved, and stop with status ``preempted``. Buffers are not averaged, so the resumed run goes
+    on exactly as one that never stopped; each rank's own are saved (checkpoint.rank_state)."""
+    ctx = run.ctx
+    finite = torch.tensor([float(_finite_state(run.model))])  # buffers differ by rank here: agree
+    if ctx.world_size > 1:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN, group=run.preempt_group)
+    bad = _first_bad_step(run)  # never checkpoint a step whose loss was not finite
+    if bad is not None or finite.item() < 1:
+        run.status, run.step = ("non_finite_loss", bad) if bad is not None else ("non_finite_weights", step)
+        return
+    run.status = preemption.STATUS
+    if ctx.rank == 0:
+        log.info("preempted (%s): checkpoint at step %d, then stop", preemption.reason(), step)
+    if run.saved != step:
+        _save(run, step, {"step": step, "best_miou": run.best, "status": run.status})
+    if ctx.rank == 0:
+        log.info("preemption checkpoint at step %d published %.2f s after the request",
+                 step, preemption.seconds_since_request())
 
 
 def _evaluate(run: Run, step: int) -> dict:
@@ -408,6 +442,7 @@ def _evaluate(run: Run, step: int) -> dict:
 def _save(run: Run, step: int, metrics: dict) -> None:
     """Every rank calls this; rank 0 writes the checkpoint and the launcher publishes it."""
     ctx = run.ctx
+    ranks = checkpoint.gather_rank_states(run.model, ctx.world_size)
     if ctx.rank != 0:
         ctx.report(metrics, None)
         return
@@ -419,9 +454,11 @@ def _save(run: Run, step: int, metrics: dict) -> None:
             "step": step,
             "best_miou": run.best,
             "rng": checkpoint.rng_state(),
+            "ranks": ranks,  # each rank's RNG and BatchNorm statistics: an exact resume
         }
         meta = checkpoint.meta(run.cfg, step=step, best_miou=run.best, run_id=ctx.run_id,
                                world_size=ctx.world_size, launcher=ctx.launcher)
+        meta.update(status=metrics.get("status"), data_position=step * run.cfg.train.accumulation)
         checkpoint.write(Path(tmp), state, meta)
         ctx.report(metrics, Path(tmp))
 
@@ -431,16 +468,19 @@ def finish(run: Run) -> dict:
     cfg, ctx, step, status = run.cfg, run.ctx, run.step, run.status
     # Every rank states what it ends with: DDP keeps replicas identical, and this line shows it.
     log.info("rank %d final weights sha256 %s", ctx.rank, weights_digest(run.model))
-    summary = {"status": status, "steps": step if status == "finished" else step - 1,
+    stopped_cleanly = status in ("finished", preemption.STATUS)
+    summary = {"status": status, "steps": step if stopped_cleanly else step - 1,
                "wall_s": round(run.wall_s, 1), "best_miou": run.best,
                "val_miou": run.last_scores.get("miou", float("nan")), "world_size": ctx.world_size,
                "resumed_from": ctx.resumed_from, "mlflow_run_id": ctx.run_id}
-    if status != "finished":
+    if not stopped_cleanly:
         ctx.report({"step": step - 1, "status": status, "best_miou": run.best}, None)
     if ctx.rank == 0:
         if status == "finished" and cfg.mlflow.log_model and ctx.run_id and step > run.start_step:
             summary["model_uri"] = run.tracker.model(run.model, cfg, crop_for_example(cfg, run.crop))
-        run.tracker.close("FINISHED" if status == "finished" else "FAILED")
+        if status == preemption.STATUS:  # resumable: not FAILED
+            run.tracker.tags({"unet_dist.status": status, "unet_dist.preempted_at_step": step})
+        run.tracker.close({"finished": "FINISHED", preemption.STATUS: "KILLED"}.get(status, "FAILED"))
     return summary
 
 

@@ -1,0 +1,133 @@
+"""The resumable training stream and the preemption flag, in-process (the real-signal jobs are in
+tests/test_preemption.py)."""
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from unet_dist import preprocess
+from unet_dist.config import load_config
+from unet_dist.data import shards
+from unet_dist.data.loader import Augment, to_device
+from unet_dist.data.stream import StreamSpec, index_shards, positions, train_stream
+from unet_dist.synth import write_dataset
+from unet_dist.train import preemption
+
+AUG = Augment(crop=(16, 24), scale=(0.75, 1.25), flip=True)
+
+
+@pytest.fixture(scope="module")
+def urls(tmp_path_factory) -> list[str]:
+    root = tmp_path_factory.mktemp("stream")
+    write_dataset(root / "raw", "pairs", 10, 2, seed=0, processes=1)
+    out = root / "shards"
+    preprocess.run(load_config(None, [f"data.root={root / 'raw'}", f"shards.dir={out}", "data.resize=[32,32]",
+                                      "shards.samples_per_shard=4", "shards.processes=1",
+                                      "quantize.sample_pixels=5000"]))
+    return shards.shard_paths(out, shards.load_manifest(out), "train")
+
+
+def batches(urls, *, start: int, n: int, workers: int, rank: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    it = iter(train_stream(urls, AUG, 3, rank=rank, world=2, seed=5, start=start, workers=workers, pin_memory=False))
+    return [to_device(next(it), AUG, torch.device("cpu")) for _ in range(n)]
+
+
+def test_index_reads_every_sample_from_the_tar_headers(urls):
+    samples = index_shards(urls)
+    assert [key for _, key, _ in samples] == [f"train-{i:06d}" for i in range(10)]
+    url, key, members = samples[5]
+    assert Path(url).name == "train-000001.tar" and {"label.png"} <= set(members)
+    with open(url, "rb") as f:  # the offsets point at the member's bytes
+        offset, size = members["label.png"]
+        f.seek(offset)
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n" and size > 8
+
+
+def test_each_epoch_covers_every_sample_once_across_the_ranks():
+    n, seen = 10, []
+    for t in range(10):  # 2 ranks x 3 samples x 10 batches = 6 epochs of 10
+        for rank in (0, 1):
+            seen += positions(StreamSpec(seed=5, rank=rank, world=2, batch_size=3), t, n)
+    for epoch in range(6):
+        assert sorted(i for e, i in seen if e == epoch) == list(range(n))
+    assert [i for e, i in seen if e == 0] != list(range(n)), "shuffled"
+
+
+def test_resumed_stream_equals_the_uninterrupted_one_with_any_worker_count(urls):
+    whole = batches(urls, start=0, n=7, workers=0)
+    for workers in (0, 2):
+        resumed = batches(urls, start=4, n=3, workers=workers)
+        for (a, la), (b, lb) in zip(whole[4:], resumed):
+            assert torch.equal(a, b) and torch.equal(la, lb)
+    other_rank = batches(urls, start=0, n=1, workers=0, rank=1)
+    assert not torch.equal(whole[0][0], other_rank[0][0])
+
+
+def test_sigterm_sets_the_flag_and_a_second_one_would_stop_the_process():
+    previous = signal.getsignal(signal.SIGTERM)
+    preemption.reset()
+    try:
+        assert preemption.install()
+        assert not preemption.requested()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert preemption.requested() and preemption.reason() == "SIGTERM"
+        assert preemption.agreed(world_size=1)
+        assert preemption.seconds_since_request() >= 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        preemption.reset()
+
+
+def test_a_registered_source_requests_a_preemption():
+    preemption.reset()
+    try:
+        calls = []
+        preemption.add_source(lambda: calls.append(1) or ("driver got SIGTERM" if len(calls) > 1 else None))
+        assert not preemption.requested()
+        preemption._last_poll = -np.inf  # do not wait POLL_S in a test
+        assert preemption.requested() and preemption.reason() == "driver got SIGTERM"
+    finally:
+        preemption.reset()
+
+
+
+def test_a_run_preempted_mid_way_and_resumed_ends_with_the_uninterrupted_weights(urls, tmp_path, monkeypatch,
+                                                                                  caplog):
+    """In-process, a world of one with a loader worker: the preemption checkpoint falls between the
+    periodic ones (4, 8), and the resumed run ends bit-identical to the one that never stopped."""
+    import logging
+    import re
+
+    from test_train_parts import local_context, tiny_run
+    from unet_dist.train import checkpoint
+    from unet_dist.train.loop import train
+
+    caplog.set_level(logging.INFO, logger="unet_dist.train")
+    monkeypatch.setattr(preemption, "POLL_S", 0.0)
+    cfg = tiny_run(Path(urls[0]).parent, 8, "train.checkpoint_every=4", "train.loader_workers=1")
+
+    def final_digest() -> str:
+        [digest] = re.findall(r"final weights sha256 (\w+)", caplog.text)
+        caplog.clear()
+        return digest
+
+    train(cfg, local_context(tmp_path / "whole", []))
+    whole = final_digest()
+    preemption.reset()
+    try:
+        preemption.add_source(lambda: "test" if preemption._step[0] == 6 else None)
+        stopped = train(cfg, local_context(tmp_path / "cut", []))
+    finally:
+        preemption.reset()
+    caplog.clear()
+    meta = checkpoint.read_meta(checkpoint.find_latest(tmp_path / "cut"))
+    assert stopped["status"] == "preempted" and stopped["steps"] == 6
+    assert meta["step"] == 6 and meta["status"] == "preempted" and meta["data_position"] == 6
+    resumed = train(cfg, local_context(tmp_path / "cut", []))
+    assert resumed["resumed_from"].endswith("checkpoint_step-00000006") and resumed["steps"] == 8
+    assert final_digest() == whole

@@ -1,0 +1,162 @@
+"""The training sample stream as a pure function of its position, so a resumed run sees exactly the
+samples (and the augmentation) an uninterrupted run would have seen.
+
+Position ``t`` (micro-batches taken by a rank) fixes everything: rank ``r`` of ``W`` takes the global
+sample positions ``p = (t * W + r) * B + j``; position ``p`` is sample ``perm_e[p % N]`` of epoch
+``e = p // N``, where ``perm_e`` is a permutation of all ``N`` train samples seeded by ``(seed, e)``.
+The augmentation of a sample draws from a generator seeded by ``(seed, e, crc32(key))``. Nothing
+depends on the number of loader workers, on which worker builds a batch, or on what came before:
+resuming at step ``k`` starts the stream at ``t = k * accumulation`` without reading, let alone
+decoding, the samples it skips.
+
+Samples are read by random access: the tar shards are uncompressed, so an index of each member's
+offset and size is enough to read one sample's bytes. A local shard is indexed from its tar headers
+alone and read with seeks; a shard on S3 is indexed by streaming it once (S3 has no cheap way to
+skip from header to header) and read with one ranged GET per sample.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import signal
+import tarfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from unet_dist import storage
+from unet_dist.data.loader import Augment, _plan_row, _tensor, _train_collate, decode_sample
+from unet_dist.errors import UnetDistError
+
+# A sample is (shard path, key, {member suffix: (offset, size)}).
+Sample = tuple[str, str, dict[str, tuple[int, int]]]
+
+
+def index_shards(urls: list[str]) -> list[Sample]:
+    """Every sample of ``urls`` in shard order: (shard, key, {suffix: (offset, size)})."""
+    samples: list[Sample] = []
+    for url in urls:
+        by_key: dict[str, dict[str, tuple[int, int]]] = {}
+        try:
+            with contextlib.ExitStack() as stack:
+                if storage.is_remote(url):
+                    body = stack.enter_context(storage.open_read(url))
+                    tar = stack.enter_context(tarfile.open(fileobj=body, mode="r|"))
+                else:
+                    tar = stack.enter_context(tarfile.open(url, "r:"))
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    name = member.name.rsplit("/", 1)[-1]
+                    if "." not in name:
+                        continue
+                    folder = member.name[: len(member.name) - len(name)]
+                    stem, suffix = name.split(".", 1)  # webdataset's rule: the key ends at the first dot
+                    by_key.setdefault(folder + stem, {})[suffix] = (member.offset_data, member.size)
+        except (OSError, tarfile.TarError, UnetDistError) as e:
+            raise UnetDistError(f"{url}: cannot index shard ({e})") from None
+        samples.extend((url, key, members) for key, members in by_key.items())
+    if not samples:
+        raise UnetDistError("no train samples to stream")
+    return samples
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    seed: int
+    rank: int
+    world: int
+    batch_size: int
+
+
+def positions(spec: StreamSpec, t: int, n: int) -> list[tuple[int, int]]:
+    """(epoch, sample index) of each sample in rank ``spec.rank``'s batch ``t``."""
+    first = (t * spec.world + spec.rank) * spec.batch_size
+    out = []
+    for p in range(first, first + spec.batch_size):
+        epoch, i = divmod(p, n)
+        out.append((epoch, int(epoch_order(spec.seed, epoch, n)[i])))
+    return out
+
+
+_orders: dict[tuple[int, int, int], np.ndarray] = {}
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    key = (seed, epoch, n)
+    if key not in _orders:
+        if len(_orders) > 4:
+            _orders.clear()
+        _orders[key] = np.random.default_rng([seed, epoch]).permutation(n)
+    return _orders[key]
+
+
+def augment_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
+    return np.random.default_rng([seed, epoch, zlib.crc32(key.encode())])
+
+
+class TrainBatches(torch.utils.data.Dataset):
+    """Map-style: item ``t`` is rank ``spec.rank``'s batch ``t``. Read with an in-order DataLoader,
+    any number of workers yields the same sequence."""
+
+    def __init__(self, samples: list[Sample], aug: Augment, spec: StreamSpec):
+        self.samples, self.aug, self.spec = samples, aug, spec
+        self._files: dict[str, object] = {}
+
+    def read(self, sample: Sample) -> dict:
+        url, key, members = sample
+        raw = {"__key__": key, "__url__": url}
+        if storage.is_remote(url):  # one GET for the sample: its members lie next to each other
+            first = min(offset for offset, _ in members.values())
+            data = storage.read_range(url, first, max(o + n for o, n in members.values()) - first)
+            raw.update((suffix, data[o - first:o - first + n]) for suffix, (o, n) in members.items())
+            return raw
+        f = self._files.get(url)
+        if f is None:
+            if len(self._files) >= 8:  # a few open shards per worker
+                for old in self._files.values():
+                    old.close()
+                self._files.clear()
+            f = self._files[url] = open(url, "rb")
+        for suffix, (offset, size) in members.items():
+            f.seek(offset)
+            raw[suffix] = f.read(size)
+        return raw
+
+    def __getitem__(self, t: int):
+        items = []
+        for epoch, i in positions(self.spec, t, len(self.samples)):
+            raw = self.read(self.samples[i])
+            image, label, plan = decode_sample(raw, self.aug, augment_rng(self.spec.seed, epoch, raw["__key__"]))
+            items.append((_tensor(image), _tensor(label), torch.tensor(_plan_row(plan))))
+        return _train_collate(items)
+
+    def __getstate__(self):  # open files stay with the process that opened them
+        return {**self.__dict__, "_files": {}}
+
+
+def train_stream(urls: list[str], aug: Augment, batch_size: int, *, rank: int, world: int, seed: int,
+                 start: int, workers: int, pin_memory: bool, prefetch: int = 0) -> torch.utils.data.DataLoader:
+    """An endless iterator of batches for one rank, from micro-batch ``start`` on: uint8 source
+    regions, labels and augmentation plans, as :func:`unet_dist.data.loader.to_device` takes them.
+    ``prefetch``: batches each loader worker keeps in flight (0: torch's default, 2); more hides an
+    object store's latency."""
+    spec = StreamSpec(seed=seed, rank=rank, world=world, batch_size=batch_size)
+    dataset = TrainBatches(index_shards(urls), aug, spec)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=None, sampler=itertools.count(start), num_workers=workers,
+        pin_memory=pin_memory, persistent_workers=workers > 0, worker_init_fn=_ignore_sigterm,
+        prefetch_factor=(prefetch or None) if workers > 0 else None,
+        # Its own generator: creating the loader must not draw from the global torch RNG, whose
+        # state the checkpoint restores.
+        generator=torch.Generator().manual_seed(seed))
+
+
+def _ignore_sigterm(worker_id: int) -> None:
+    """Loader workers leave SIGTERM to their rank (torchrun signals the whole process group): the
+    rank checkpoints at the next step boundary and needs its batches until then. Workers still end
+    with the rank (the DataLoader's watchdog)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
