@@ -100,6 +100,9 @@ def main(argv: list[str] | None = None) -> None:
         rank, world = 0, 1
         if under_torchrun():  # each rank scores a share; the confusion matrices are summed
 
+            from unet_dist.train.interfaces import pin_for_torchrun
+
+            pin_for_torchrun()
             dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
             rank, world = dist.get_rank(), dist.get_world_size()
         model, cfg = load_model(args.model, args.device)
@@ -115,7 +118,8 @@ def main(argv: list[str] | None = None) -> None:
         s = result["scores"]
         if args.json:
             print(json.dumps({"miou": s["miou"], "pixel_acc": s["pixel_acc"], "mean_acc": s["mean_acc"],
-                              "iou": {n: (None if np.isnan(v) else v) for n, v in zip(labels.CLASS_NAMES, s["iou"])}}))
+                              "iou": {n: (None if np.isnan(v) else v) for n, v in zip(labels.CLASS_NAMES, s["iou"])},
+                              "confusion": result["confusion"].tolist()}))
         else:
             print(format_table(result))
         if args.log_to_run:

@@ -16,7 +16,7 @@ from pathlib import Path
 from unet_dist.config import Config, from_dict, to_dict
 from unet_dist.data import shards
 from unet_dist.errors import UnetDistError
-from unet_dist.train import checkpoint
+from unet_dist.train import checkpoint, interfaces, multinode
 from unet_dist.train.loop import AllRanksError, Context, train
 
 log = logging.getLogger("unet_dist.launch")
@@ -42,10 +42,11 @@ def absolute_paths(cfg: Config) -> Config:
     return cfg
 
 
-def preflight(cfg: Config) -> None:
+def preflight(cfg: Config, world: int) -> None:
     """Cheap checks before anything starts (a Ray cluster, process groups, an MLflow run): the shards
-    manifest exists and the checkpoint this job would resume was made for this model."""
-    shards.load_manifest(cfg.shards.dir)
+    manifest exists with a shard per data stream, and the checkpoint this job would resume was made
+    for this model."""
+    multinode.check_shard_count(cfg, shards.load_manifest(cfg.shards.dir), world)
     latest = checkpoint.find_latest(run_dir(cfg))
     if latest is not None:
         checkpoint.check_model(latest, to_dict(cfg)["model"])
@@ -83,14 +84,17 @@ def _latest_on_disk(directory: Path):
 def _init_process_group(backend: str, rank: int, world: int) -> None:
     """``init_process_group`` on a store prefixed with torchrun's restart count. The agent's TCPStore
     outlives a restart (torchrun shares its rendezvous store), so without the prefix a restarted
-    group can read the gloo addresses of the ranks that died and fail to connect."""
+    group can read the gloo addresses of the ranks that died and fail to connect. Without a shared
+    store (jobs/torchrun_multi.sh) each round has a fresh store and no prefix: restart counts differ
+    between a surviving agent and one that rejoined after its node crashed."""
     import torch.distributed as dist
 
     timeout = timedelta(minutes=30)
+    interfaces.pin_for_torchrun()
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
                           is_master=not agent_store and rank == 0, timeout=timeout, multi_tenant=True)
-    prefix = f"unet_dist/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    prefix = f"unet_dist/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0') if agent_store else 'fresh'}"
     dist.init_process_group(backend, store=dist.PrefixStore(prefix, store), rank=rank, world_size=world,
                             timeout=timeout)
 
@@ -102,10 +106,13 @@ def run_torchrun(cfg: Config) -> dict | None:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ["LOCAL_RANK"])
     cfg = absolute_paths(cfg)
-    preflight(cfg)  # every rank: the same answer, before any collective
+    preflight(cfg, world)  # every rank: the same answer, before any collective
+    multinode.check_tracking_store(cfg.mlflow.tracking_uri, multinode.torchrun_nodes())
     _init_process_group("nccl" if cfg.train.use_gpu else "gloo", rank, world)
     directory = run_dir(cfg)
     try:
+        if multinode.torchrun_nodes() > 1:
+            multinode.check_torchrun_places(cfg, rank, world)
         run_id = open_run(cfg, "torchrun", world)[0] if rank == 0 else None
 
         def report(metrics: dict, tmp: Path | None) -> None:
@@ -163,16 +170,42 @@ def _ray_worker(loop_config: dict) -> dict:
         return {"status": "error", "error": str(e)}
 
 
+def _pin_ray_worker_interface() -> str:
+    import ray
+
+    ip = ray.util.get_node_ip_address()
+    return f"{ip} {interfaces.pin_interface(ip, towards=False, why='Ray node address')}"
+
+
+def _torch_config():
+    """Ray's TorchConfig, pinning each worker's gloo/NCCL interface to its Ray node address before
+    the process group forms (the address a host name resolves to may be another network)."""
+    from ray.train.torch import TorchConfig
+    from ray.train.torch.config import _TorchBackend
+
+    class Backend(_TorchBackend):
+        def on_start(self, worker_group, backend_config):
+            for line in sorted(set(worker_group.execute(_pin_ray_worker_interface))):
+                log.info("Ray worker at %s: network interface %s for collectives", *line.split(" ", 1))
+            super().on_start(worker_group, backend_config)
+
+    class PinnedTorchConfig(TorchConfig):
+        @property
+        def backend_cls(self):
+            return Backend
+
+    return PinnedTorchConfig
+
+
 def run_ray(cfg: Config) -> dict:
     """Start a TorchTrainer on ``$RAY_ADDRESS`` (or a local Ray) and wait for it."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
 
     cfg = absolute_paths(cfg)
     t = cfg.train
-    preflight(cfg)
-    run_id, resumed = open_run(cfg, "ray", t.workers)
+    preflight(cfg, t.workers)
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
         if address:
@@ -181,10 +214,12 @@ def run_ray(cfg: Config) -> dict:
             # "local" always starts a private cluster for this job (never a stale one from /tmp/ray).
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")
             ray.init(address="local", log_to_driver=True)
+    multinode.check_ray_cluster(cfg)
+    run_id, resumed = open_run(cfg, "ray", t.workers)
     trainer = TorchTrainer(
         _ray_worker,
         train_loop_config={"config": to_dict(cfg), "run_id": run_id, "run_dir": str(run_dir(cfg))},
-        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+        torch_config=_torch_config()(backend="nccl" if t.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=t.workers, use_gpu=t.use_gpu,
                                      resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}),
         run_config=RunConfig(
