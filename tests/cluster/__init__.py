@@ -289,3 +289,25 @@ def start_mlflow(cluster: Cluster) -> str:
 def mlflow_store(cluster: Cluster) -> str:
     """The services node's MLflow database, as the host reads it back (the server keeps running)."""
     return f"sqlite:///{cluster.nodes[SERVICES].root / 'scratch' / 'mlflow.db'}"
+
+
+S3_PORT = 5001
+
+
+def start_s3(cluster: Cluster) -> str:
+    """moto's standalone S3 server in the services node (state in memory). Returns the endpoint the
+    nodes use; give them ``AWS_ENDPOINT_URL`` = it plus dummy credentials (:func:`s3_env`)."""
+    log = cluster.root / "s3.log"
+    cluster.popen(SERVICES, [BIN / "moto_server", "-H", cluster.ip(SERVICES), "-p", str(S3_PORT)], log=log,
+                  cwd="/scratch")
+    try:
+        cluster.wait_port(SERVICES, S3_PORT, timeout=60)
+    except AssertionError:
+        raise RuntimeError(f"moto_server did not start:\n{log.read_text()[-3000:]}") from None
+    return f"http://{SERVICES}:{S3_PORT}"
+
+
+def s3_env(endpoint: str) -> dict[str, str]:
+    """Environment for a node that keeps shards and checkpoints in the services node's S3."""
+    return {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+            "AWS_DEFAULT_REGION": "us-east-1"}
