@@ -180,7 +180,7 @@ def unet_flops(width: int, size: tuple[int, int]) -> tuple[float, float]:
 
 def dataset(cache: Path, n_train: int, n_val: int) -> Path:
     """Synthetic pairs-layout images (256x512 JPEGs), written once and kept in the cache."""
-    from unet_dist.data.synthetic import write_dataset
+    from unet_dist.synth import write_dataset
 
     root = cache / f"pairs-{n_train}-{n_val}"
     if not (root / "synth.json").is_file() or len(list((root / "train").glob("*.jpg"))) != n_train:
@@ -195,9 +195,10 @@ def shards(cache: Path, root: Path, samples_per_shard: int) -> Path:
     """Shards of ``root`` at the source size (no resize), made once with the real preprocess job."""
     from unet_dist import preprocess
     from unet_dist.config import load_config
+    from unet_dist.data.shards import MANIFEST
 
     out = cache / f"shards-{root.name}-{samples_per_shard}"
-    if not (out / "manifest.json").is_file():
+    if not (out / MANIFEST).is_file():
         cfg = load_config(None, [f"data.root={root}", f"shards.dir={out}", "data.resize=null",
                                  f"shards.samples_per_shard={samples_per_shard}"])
         preprocess.run(cfg)

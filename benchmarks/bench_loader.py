@@ -79,8 +79,9 @@ def cityscapes_like_tar(cache: Path, n: int) -> Path:
     """``n`` synthetic street scenes at Cityscapes size (1024x2048 PNG photo + label PNG) in one tar."""
     import numpy as np
 
+    from unet_dist import files
     from unet_dist.data import shards as sh
-    from unet_dist.data.synthetic import render_scene, sample_rng
+    from unet_dist.synth import render_scene, sample_rng
     from unet_dist.labels import id_to_train_id_lut
 
     path = cache / f"cityscapes-like-{n}.tar"
@@ -92,7 +93,7 @@ def cityscapes_like_tar(cache: Path, n: int) -> Path:
     def members():
         for i in range(n):
             photo, ids = render_scene(sample_rng(0, "train", i), 1024, 2048)
-            yield from sh.sample_members(sh.sample_key("train", i), sh.encode_png(photo), "png",
+            yield from sh.sample_members(sh.sample_key("train", i), files.encode_png(photo), "png",
                                          lut[ids].astype(np.uint8), f"synthetic/{i}.png", "train")
 
     sh.write_tar(path, members())
@@ -113,6 +114,7 @@ def main() -> None:
 
     from unet_dist.config import TrainConfig
     from unet_dist.data import loader as L
+    from unet_dist import files
     from unet_dist.data import shards as sh
 
     torch.set_num_threads(1)
@@ -189,7 +191,7 @@ def main() -> None:
     city = cityscapes_like_tar(cache, n_city)
     big = list(wds.DataPipeline(wds.SimpleShardList([str(city)]), wds.tarfile_to_samples()))
     big_aug = L.Augment(crop=(512, 1024), scale=(0.5, 2.0), flip=True)  # jobs/configs/cityscapes.yaml
-    as_jpeg = [{**s, "image.jpg": sh.encode_jpeg(L.decode_sample(s)[0])} for s in big]
+    as_jpeg = [{**s, "image.jpg": files.encode_jpeg(L.decode_sample(s)[0])} for s in big]
     for s in as_jpeg:
         del s["image.png"]
     dec_s, full_s, jpeg_s = [], [], []

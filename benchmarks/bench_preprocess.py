@@ -49,6 +49,7 @@ def main() -> None:
     from sklearn.cluster import KMeans
     from threadpoolctl import threadpool_limits
 
+    from unet_dist import files
     from unet_dist.data import shards as sh
     from unet_dist.data.quantize import Quantizer, lookup
     from unet_dist.data.sources import list_samples, load_sample
@@ -58,7 +59,7 @@ def main() -> None:
     work.mkdir(exist_ok=True)
     first = our_runs(root, work, 1, spp, extra)  # also gives the quantizer the other cases use
     n_images = first["n"]
-    q = Quantizer.from_json((first["out"] / "quantizer.json").read_text())
+    q = Quantizer.from_json((first["out"] / sh.QUANTIZER).read_text())
     lut = q.build_lut()
     samples = [s for v in list_samples(root, "pairs").values() for s in v]
     raw = [(root / s.photo).read_bytes() for s in samples]
@@ -73,12 +74,12 @@ def main() -> None:
     def floor_png() -> None:  # the floor: decode every image, encode its label PNG
         for r, ids in zip(raw, labels):
             decode(r)
-            sh.encode_png(ids)
+            files.encode_png(ids)
 
     def floor_codec() -> None:  # + the photo JPEG the shards store
         for r, ids in zip(raw, labels):
-            sh.encode_jpeg(decode(r)[:, :256])
-            sh.encode_png(ids)
+            files.encode_jpeg(decode(r)[:, :256])
+            files.encode_png(ids)
 
     # The naive approach: a KMeans with our centroids, predict on every pixel of every mask.
     km = KMeans(n_clusters=len(q.centroids), init=q.centroids, n_init=1, max_iter=1).fit(q.centroids)
@@ -94,7 +95,7 @@ def main() -> None:
             for s in subset:
                 dec = load_sample(root, s)
                 ids = naive_map(dec.mask)
-                yield from sh.sample_members(sh.sample_key(s.split, s.index), sh.encode_jpeg(dec.photo), "jpg",
+                yield from sh.sample_members(sh.sample_key(s.split, s.index), files.encode_jpeg(dec.photo), "jpg",
                                              ids, s.photo, s.split)
         sh.write_tar(work / "naive.tar", members())
 

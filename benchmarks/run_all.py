@@ -17,6 +17,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SCRIPTS = {  # name -> file, in the order of the data flow
+    "synth": "bench_synth.py",
     "preprocess": "bench_preprocess.py",
     "loader": "bench_loader.py",
     "train": "bench_train.py",

@@ -52,7 +52,7 @@ if [[ -z "${LOCAL_ADDR:-}" ]]; then
     if [[ "$IS_HOST" == true ]]; then
         LOCAL_ADDR="$MASTER_ADDR"
     elif [[ "${DRY_RUN:-0}" != 1 ]]; then
-        LOCAL_ADDR="$(cd "$UNET_REPO_ROOT" && "${PYTHON:-python3}" -m unet_dist.train.interfaces "$MASTER_ADDR" 2>/dev/null || true)"
+        LOCAL_ADDR="$(cd "$UNET_REPO_ROOT" && "${PYTHON:-python3}" -m unet_dist.distributed "$MASTER_ADDR" 2>/dev/null || true)"
     fi
 fi
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE="${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPTS = ["bench_preprocess.py", "bench_loader.py", "bench_train.py", "bench_launchers.py", "gpu.py"]
+SCRIPTS = ["bench_synth.py", "bench_preprocess.py", "bench_loader.py", "bench_train.py", "bench_launchers.py", "gpu.py"]
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +24,7 @@ def run_quick(script: str, cache: Path) -> str:
     return proc.stdout
 
 
+@pytest.mark.slow  # runs each benchmark: preprocess pools, training, Ray and torchrun
 @pytest.mark.parametrize("script", [s for s in SCRIPTS if s != "gpu.py"])
 def test_quick_run_prints_median_table_with_ratio_column(script, bench_cache):
     out = run_quick(script, bench_cache)
@@ -34,6 +35,7 @@ def test_quick_run_prints_median_table_with_ratio_column(script, bench_cache):
     assert "Ratios (medians of this run):" in out
 
 
+@pytest.mark.slow  # trains a paper-size U-Net step in a subprocess
 def test_gpu_script_without_cuda_prints_flops_and_skip_line(bench_cache):
     import torch
 

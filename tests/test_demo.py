@@ -2,14 +2,17 @@
 import re
 import sys
 
+import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import clean_env, run
 from unet_dist.config import Config
 from unet_dist.data import shards
-from unet_dist.evaluate import evaluate_model
+from unet_dist.evaluation import evaluate_model
 from unet_dist.model import UNet
+
+pytestmark = pytest.mark.slow  # the whole demo: Ray Train workers and an MLflow store
 
 
 def test_demo_trains_to_high_miou_and_leaves_a_complete_mlflow_run(tmp_path):

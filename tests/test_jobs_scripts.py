@@ -36,11 +36,6 @@ def dry(name: str, *args: str, **env: str) -> list[str]:
     return shlex.split(proc.stdout.strip().splitlines()[-1])
 
 
-def test_the_expected_scripts_exist():
-    assert set(SCRIPTS) >= {"submit_ray.sh", "submit_preprocess_ray.sh", "torchrun_single.sh",
-                            "torchrun_multi.sh", "preprocess.sh"}
-
-
 @pytest.mark.parametrize("name", SCRIPTS + ["lib.sh"])
 def test_every_script_passes_a_bash_syntax_check_and_is_strict(name):
     proc = subprocess.run(["bash", "-n", str(JOBS / name)], capture_output=True, text=True)

@@ -6,10 +6,8 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from unet_dist.metrics import ConfusionMeter, confusion_matrix, scores
+from unet_dist.metrics import confusion_matrix, scores
 
 
 def _brute_force(pred: np.ndarray, target: np.ndarray, k: int, ignore: int) -> np.ndarray:
@@ -63,34 +61,3 @@ def test_classes_absent_from_truth_and_prediction_are_nan_and_left_out():
     assert s["iou"][1] == 0.0  # present in truth, never predicted: counts as 0, not NaN
     assert s["miou"] == pytest.approx((1 / 2 + 0 + 1) / 3)
     assert math.isnan(scores(torch.zeros(3, 3, dtype=torch.int64))["miou"])
-
-
-def test_summing_two_halves_equals_the_whole():
-    rng = np.random.default_rng(1)
-    target = torch.from_numpy(rng.integers(0, 4, (4, 9, 11)))
-    pred = torch.from_numpy(rng.integers(0, 4, (4, 9, 11)))
-    meter = ConfusionMeter(4)
-    meter.update(pred[:1], target[:1])
-    meter.update(pred[1:], target[1:])
-    whole = confusion_matrix(pred, target, 4)
-    assert torch.equal(meter.all_reduce(), whole)  # no process group: a copy of the local counts
-    assert scores(meter.conf) == scores(whole)
-
-
-def _rank_main(rank: int, init_file: str, pred: torch.Tensor, target: torch.Tensor, out_file: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    meter = ConfusionMeter(4)
-    meter.update(pred[rank::2], target[rank::2])  # uneven split: rank 0 gets 3 images, rank 1 gets 2
-    total = meter.all_reduce()
-    if rank == 0:
-        np.save(out_file, total.numpy())
-    dist.destroy_process_group()
-
-
-def test_all_reduce_sums_the_counts_of_two_ranks(tmp_path):
-    rng = np.random.default_rng(2)
-    target = torch.from_numpy(rng.integers(0, 4, (5, 8, 8)))
-    pred = torch.from_numpy(rng.integers(0, 4, (5, 8, 8)))
-    out_file = str(tmp_path / "total.npy")
-    mp.spawn(_rank_main, args=(str(tmp_path / "init"), pred, target, out_file), nprocs=2, join=True)
-    np.testing.assert_array_equal(np.load(out_file), confusion_matrix(pred, target, 4).numpy())

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from unet_dist.config import ModelConfig
-from unet_dist.inference import pad_for_valid, predict_logits
+from unet_dist.inference import predict_logits
 from unet_dist.model import UNet, margin, mirror_pad, output_size, valid_input_size
 
 
@@ -83,7 +83,7 @@ def test_from_config_builds_the_configured_model():
     cfg = ModelConfig(in_channels=1, num_classes=7, width=8, depth=3, padding="valid", batch_norm=False)
     model = UNet.from_config(cfg)
     assert (model.in_channels, model.num_classes, model.width, model.depth) == (1, 7, 8, 3)
-    assert model.padding == "valid" and model.margin == margin(3)
+    assert model.padding == "valid" and model.depth == 3
     assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
 
 
@@ -137,20 +137,3 @@ def test_same_mode_prediction_covers_the_image_with_or_without_tiles():
     calls = _count_forwards(model)
     assert tuple(predict_logits(model, image, tile=32).shape) == (2, 5, 45, 70)
     assert len(calls) > 1
-
-
-def test_pad_for_valid_lines_the_output_up_with_a_small_label_crop():
-    images = torch.randn(2, 3, 64, 128)
-    labels = torch.randint(0, 19, (2, 64, 128), dtype=torch.uint8)
-    padded, padded_labels = pad_for_valid(images, labels, depth=5)
-    out = UNet(3, 19, width=2, depth=5, padding="valid")(padded)
-    assert out.shape[-2:] == padded_labels.shape[-2:] == (68, 132)
-    assert torch.equal(padded_labels[:, :64, :128], labels)
-    assert (padded_labels[:, 64:] == 255).all() and (padded_labels[:, :, 128:] == 255).all()
-    # the crop sits in the middle of its mirror: pixel (0, 0) of the crop is at (margin, margin)
-    assert torch.equal(padded[..., 92 : 92 + 64, 92 : 92 + 128], images)
-
-
-def test_pad_for_valid_adds_no_label_padding_at_a_valid_output_size():
-    _, labels = pad_for_valid(torch.randn(1, 3, 388, 388), torch.zeros(1, 388, 388, dtype=torch.long), depth=5)
-    assert labels.shape[-2:] == (388, 388)

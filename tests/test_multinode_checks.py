@@ -8,7 +8,8 @@ import pytest
 
 from unet_dist.config import load_config
 from unet_dist.errors import UnetDistError
-from unet_dist.train import interfaces, multinode
+from unet_dist import distributed
+from unet_dist.train import multinode
 
 
 def manifest(shards: int) -> dict:
@@ -50,11 +51,11 @@ def test_a_probe_another_node_cannot_read_names_the_key(tmp_path):
 
 
 def test_collective_interface_follows_the_route_and_respects_the_users_choice(monkeypatch):
-    for v in interfaces.VARS:
+    for v in distributed.IFNAME_VARS:
         monkeypatch.delenv(v, raising=False)
-    assert interfaces.pin_interface("127.0.0.1", towards=True, why="test") == "lo"
-    assert all(os.environ[v] == "lo" for v in interfaces.VARS)
+    assert distributed.pin_interface("127.0.0.1", towards=True, why="test") == "lo"
+    assert all(os.environ[v] == "lo" for v in distributed.IFNAME_VARS)
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "eth9")
     monkeypatch.delenv("NCCL_SOCKET_IFNAME")
-    assert interfaces.pin_interface("127.0.0.1", towards=True, why="test") == "eth9"
+    assert distributed.pin_interface("127.0.0.1", towards=True, why="test") == "eth9"
     assert "NCCL_SOCKET_IFNAME" not in os.environ

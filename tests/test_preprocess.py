@@ -18,8 +18,9 @@ import webdataset as wds
 from PIL import Image
 
 from unet_dist.config import load_config
+from unet_dist import files
 from unet_dist.data import shards as sh
-from unet_dist.data.synthetic import write_dataset
+from unet_dist.synth import write_dataset
 from unet_dist.errors import UnetDistError
 from unet_dist.labels import IGNORE, id_to_train_id_lut
 from unet_dist.preprocess import run
@@ -40,7 +41,7 @@ def _cli(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
 
 
 def _digests(out: Path) -> dict[str, str]:
-    return {p.name: sh.sha256_file(p) for p in sorted(out.glob("*.tar"))}
+    return {p.name: files.sha256_file(p) for p in sorted(out.glob("*.tar"))}
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +64,7 @@ def test_shards_read_back_with_webdataset_and_tarfile(pairs, tmp_path):
     assert summary["samples"] == {"train": 20, "val": 6} and summary["shards"] == {"train": 3, "val": 1}
     assert [s["name"] for s in m["splits"]["train"]["shards"]] == ["train-000000.tar", "train-000001.tar",
                                                                    "train-000002.tar"]
-    assert m["quantizer"]["sha256"] == sh.sha256_file(out / "quantizer.json")
+    assert m["quantizer"]["sha256"] == files.sha256_file(out / "quantizer.json")
     assert m["image_size"] == [256, 256] and m["label_source"] == "color" and m["skipped"] == []
     assert sum(m["class_pixels"]["train"]) == 20 * 256 * 256 and len(m["class_pixels"]["val"]) == 20
     sh.verify_shards(out, m, "train")
@@ -110,6 +111,7 @@ def test_rerun_keeps_verified_shards_and_rebuilds_missing_or_corrupt_ones(pairs,
     assert _digests(out) == before and (out / "manifest.json").read_bytes() == manifest
 
 
+@pytest.mark.slow  # kills a preprocess run and its worker processes mid-run
 def test_resume_after_killed_run_gives_the_bytes_of_an_uninterrupted_run(pairs, tmp_path):
     out = tmp_path / "shards"
     sets = [f"data.root={pairs}", f"shards.dir={out}", "quantize.sample_pixels=20000",

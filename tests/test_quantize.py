@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from unet_dist.data.quantize import Quantizer, color_codes, fit_quantizer, sample_mask_pixels
+from unet_dist.data.quantize import Quantizer, color_codes, fit_quantizer, lookup, sample_mask_pixels
 from unet_dist.data.sources import list_samples, load_sample
-from unet_dist.data.synthetic import write_dataset
+from unet_dist.synth import write_dataset
 from unet_dist.labels import IGNORE, id_to_train_id_lut, palette_colors
 
 
@@ -23,10 +23,11 @@ def test_lut_equals_brute_force_nearest_centroid_on_random_colours():
     d2 = ((colors[:, None, :].astype(np.float64) - q.centroids[None]) ** 2).sum(-1)
     nearest = d2.argmin(1)
     expected = np.where(d2.min(1) > 40.0 ** 2, IGNORE, q.train_ids[nearest])
-    got = q.build_lut()[color_codes(colors)]
+    lut = q.build_lut()
+    got = lut[color_codes(colors)]
     assert (expected == IGNORE).any() and (expected != IGNORE).any()  # both branches exercised
     np.testing.assert_array_equal(got, expected)
-    np.testing.assert_array_equal(q.map_mask(colors.reshape(100, 100, 3)), expected.reshape(100, 100))
+    np.testing.assert_array_equal(lookup(lut, colors.reshape(100, 100, 3)), expected.reshape(100, 100))
 
 
 def test_clusters_are_named_by_nearest_palette_colour_or_ignore():
@@ -38,10 +39,10 @@ def test_clusters_are_named_by_nearest_palette_colour_or_ignore():
         assert tid == (train_ids[d.argmin()] if dist <= 60.0 else IGNORE)
     # a pure palette colour maps to its class; a colour far from every cluster to ignore
     road = np.array([[[128, 64, 128]]], dtype=np.uint8)
-    assert q.map_mask(road)[0, 0] == 0
+    assert lookup(q.build_lut(), road)[0, 0] == 0
     tight = fit_quantizer(np.array([[128, 64, 128]] * 10, dtype=np.uint8), k=4, seed=0, max_distance=10.0)
     assert len(tight.centroids) == 1  # fewer distinct colours than k
-    assert tight.map_mask(np.array([[[128, 64, 128], [0, 255, 0]]], dtype=np.uint8)).tolist() == [[0, IGNORE]]
+    assert lookup(tight.build_lut(), np.array([[[128, 64, 128], [0, 255, 0]]], dtype=np.uint8)).tolist() == [[0, IGNORE]]
 
 
 def test_fit_is_seeded_and_json_round_trips_exactly():
@@ -51,8 +52,9 @@ def test_fit_is_seeded_and_json_round_trips_exactly():
     assert a.to_json() == b.to_json()
     c = Quantizer.from_json(a.to_json())
     assert c.to_json() == a.to_json()
-    np.testing.assert_array_equal(c.build_lut(), a.build_lut())
-    assert a.build_lut().shape == (1 << 24,) and a.build_lut().dtype == np.uint8
+    lut = a.build_lut()
+    np.testing.assert_array_equal(c.build_lut(), lut)
+    assert lut.shape == (1 << 24,) and lut.dtype == np.uint8
 
 
 def test_kmeans_labels_agree_with_true_train_ids_on_synthetic_cityscapes(tmp_path):
@@ -63,6 +65,7 @@ def test_kmeans_labels_agree_with_true_train_ids_on_synthetic_cityscapes(tmp_pat
     px = np.concatenate([sample_mask_pixels(d.mask, 5000, rng) for d in decoded[:6]])
     q = fit_quantizer(px, k=32, seed=0, max_distance=60.0)
     id_lut = id_to_train_id_lut()
-    same = sum(int((q.map_mask(d.mask) == id_lut[d.truth]).sum()) for d in decoded)
+    lut = q.build_lut()
+    same = sum(int((lookup(lut, d.mask) == id_lut[d.truth]).sum()) for d in decoded)
     total = sum(d.truth.size for d in decoded)
     assert same / total >= 0.98

@@ -15,6 +15,8 @@ from mlflow.tracking import MlflowClient
 from conftest import REPO, clean_env, run
 from unet_dist.train import checkpoint
 
+pytestmark = pytest.mark.slow  # a Ray head, an mlflow server and submitted jobs
+
 MODEL_NAME = "unet-test"
 
 

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from unet_dist.data.sources import BadInput, list_samples, load_sample
-from unet_dist.data.synthetic import write_dataset
+from unet_dist.synth import write_dataset
 from unet_dist.errors import UnetDistError
 
 

@@ -9,6 +9,8 @@ import pytest
 from conftest import BIN, REPO, clean_env, run
 from unet_dist.train import checkpoint
 
+pytestmark = pytest.mark.slow  # torchrun with two gloo ranks
+
 TINY = ["model.width=4", "model.depth=3", "train.crop=[32,32]", "train.batch_size=2", "train.loader_workers=0",
         "train.eval_every=0", "train.log_every=2", "mlflow.system_metrics=false", "mlflow.log_model=false"]
 

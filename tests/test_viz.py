@@ -68,10 +68,3 @@ def test_quantizer_picture_has_one_swatch_per_centroid_and_its_palette_colour():
     seen = _colors(image)
     assert all(tuple(c) in seen for c in colors.tolist())
     assert viz.WARN in seen  # ignore centroids are marked
-
-
-def test_legend_shows_every_train_class_colour():
-    image = viz.legend()
-    assert image.size == (180, viz.HEADER + 20 * 16)
-    seen = _colors(image)
-    assert all(tuple(c) in seen for c in train_id_palette()[:NUM_CLASSES].tolist())

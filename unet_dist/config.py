@@ -12,19 +12,30 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import yaml
 
 from unet_dist.errors import UnetDistError
 
 
+# Each choice list is defined once, here; readers, the synthetic generator and the model derive
+# theirs with typing.get_args, and the config loader checks values against them.
+Layout = Literal["pairs", "cityscapes"]
+LabelSource = Literal["color", "labelIds"]
+OnBadInput = Literal["fail", "skip"]
+Padding = Literal["same", "valid"]
+Optimizer = Literal["adamw", "sgd"]
+Schedule = Literal["cosine", "poly", "constant"]
+Precision = Literal["auto", "bf16", "fp32"]
+
+
 @dataclass
 class DataConfig:
     root: str = "data/synth"  # raw dataset directory
-    layout: str = "pairs"  # pairs | cityscapes
-    label_source: str = "color"  # color (KMeans on colour masks) | labelIds (cityscapes only)
-    on_bad_input: str = "fail"  # fail: stop with an error | skip: record in the manifest and go on
+    layout: Layout = "pairs"  # raw dataset layout (docs/architecture.md, "Raw layouts")
+    label_source: LabelSource = "color"  # color (KMeans on colour masks) | labelIds (cityscapes only)
+    on_bad_input: OnBadInput = "fail"  # fail: stop with an error | skip: record in the manifest and go on
     resize: Optional[list[int]] = field(default_factory=lambda: [128, 128])  # [height, width] stored; null keeps the source size
     max_samples: int = 0  # per split, 0 = all (handy for smoke runs on real data)
 
@@ -33,25 +44,25 @@ class DataConfig:
 class QuantizeConfig:
     k: int = 32  # KMeans clusters fitted on mask colours
     sample_pixels: int = 200_000  # pixels sampled across the train masks to fit on
-    seed: int = 0
+    seed: int = 0  # KMeans initialisation and pixel sampling seed
     max_distance: float = 60.0  # a centroid farther than this (RGB) from every palette colour -> ignore
 
 
 @dataclass
 class ShardsConfig:
-    dir: str = "shards/demo"
-    samples_per_shard: int = 64
+    dir: str = "shards/demo"  # where preprocess writes shards, manifest.json and quantizer.json; training reads them
+    samples_per_shard: int = 64  # samples per tar file
     processes: int = 0  # preprocess worker processes; 0 = one per core
 
 
 @dataclass
 class ModelConfig:
-    in_channels: int = 3
-    num_classes: int = 19
+    in_channels: int = 3  # RGB photos
+    num_classes: int = 19  # Cityscapes trainIds
     width: int = 16  # channels of the first level; the paper uses 64
     depth: int = 5  # levels including the bottleneck; the paper uses 5 (4 pools)
-    padding: str = "same"  # same (output = input size) | valid (the paper: unpadded, cropped skips)
-    batch_norm: bool = True
+    padding: Padding = "same"  # same (output = input size) | valid (the paper: unpadded, cropped skips)
+    batch_norm: bool = True  # BatchNorm after each conv (not in the paper)
 
 
 @dataclass
@@ -59,42 +70,42 @@ class TrainConfig:
     steps: int = 1000  # total optimiser steps
     batch_size: int = 4  # per worker, per micro-step
     accumulation: int = 1  # micro-steps per optimiser step
-    optimizer: str = "adamw"  # adamw | sgd
-    lr: float = 3e-3
-    weight_decay: float = 1e-4
+    optimizer: Optimizer = "adamw"  # adamw | sgd
+    lr: float = 3e-3  # peak learning rate, after warm-up
+    weight_decay: float = 1e-4  # decoupled (adamw) or L2 (sgd)
     momentum: float = 0.9  # sgd only
-    warmup_steps: int = 30
-    schedule: str = "cosine"  # cosine | poly | constant
+    warmup_steps: int = 30  # linear warm-up from lr / warmup_steps
+    schedule: Schedule = "cosine"  # cosine | poly | constant
     grad_clip: float = 1.0  # 0 disables
     class_weights: bool = False  # inverse-frequency weights from the manifest histogram
     crop: list[int] = field(default_factory=lambda: [64, 128])  # [height, width] training crop
     scale: list[float] = field(default_factory=lambda: [0.75, 1.25])  # random scale range
-    flip: bool = True
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
-    channels_last: bool = False
-    compile: bool = False
-    loader_workers: int = 1
-    shuffle_buffer: int = 64
+    flip: bool = True  # random horizontal flips
+    precision: Precision = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    channels_last: bool = False  # NHWC memory format (faster convs on recent GPUs)
+    compile: bool = False  # torch.compile the model
+    loader_workers: int = 1  # data loader processes per rank
+    shuffle_buffer: int = 64  # samples shuffled in memory per loader
     eval_every: int = 250  # steps; 0 = only at the end
     eval_batches: int = 0  # 0 = the whole val split
     checkpoint_every: int = 250  # steps
-    checkpoint_dir: str = "runs/checkpoints"
+    checkpoint_dir: str = "runs/checkpoints"  # checkpoints go to <checkpoint_dir>/<run_name>/ (shared storage on a cluster)
     run_name: str = "unet-demo"  # names the checkpoint folder and the Ray run; reuse it to resume
     workers: int = 2  # Ray Train workers (torchrun: --nproc_per_node decides)
-    use_gpu: bool = False
-    cpus_per_worker: int = 1
+    use_gpu: bool = False  # one GPU per rank, nccl; false: CPU, gloo
+    cpus_per_worker: int = 1  # Ray CPUs reserved per worker, and torch threads per rank on CPU
     max_failures: int = 2  # Ray FailureConfig
-    log_every: int = 10
-    seed: int = 0
+    log_every: int = 10  # steps between train loss / lr / images-per-second logs
+    seed: int = 0  # initial weights, data order and augmentation
 
 
 @dataclass
 class MlflowConfig:
     tracking_uri: str = ""  # empty: $MLFLOW_TRACKING_URI, else sqlite in ./runs/mlflow
-    experiment: str = "unet_dist"
+    experiment: str = "unet_dist"  # MLflow experiment name (created when missing)
     run_name: str = ""  # empty: train.run_name
     registered_model: str = "unet-cityscapes"  # empty: do not register
-    log_model: bool = True
+    log_model: bool = True  # log the final model (pt2 program + weights) to the run
     system_metrics: bool = True  # CPU/memory (and GPU when present) sampled by rank 0
     system_metrics_interval: float = 10.0  # seconds between system metric samples
 
@@ -109,20 +120,13 @@ class Config:
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
 
-CHOICES: dict[str, tuple[str, ...]] = {
-    "data.layout": ("pairs", "cityscapes"),
-    "data.label_source": ("color", "labelIds"),
-    "data.on_bad_input": ("fail", "skip"),
-    "model.padding": ("same", "valid"),
-    "train.optimizer": ("adamw", "sgd"),
-    "train.schedule": ("cosine", "poly", "constant"),
-    "train.precision": ("auto", "bf16", "fp32"),
-}
-
-
 def _check_value(value: Any, tp: Any, key: str, origin: str) -> Any:
     """Return ``value`` converted to type ``tp`` or raise an error naming ``key`` and ``origin``."""
     args = typing.get_args(tp)
+    if typing.get_origin(tp) is Literal:
+        if value not in args:
+            raise UnetDistError(f"{origin}: key '{key}' must be one of {'|'.join(args)}, got {value!r}")
+        return value
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -140,11 +144,7 @@ def _check_value(value: Any, tp: Any, key: str, origin: str) -> Any:
     }[tp]
     if not ok:
         raise UnetDistError(f"{origin}: key '{key}' expects {tp.__name__}, got {value!r}")
-    value = float(value) if tp is float else value
-    choices = CHOICES.get(key)
-    if choices and value not in choices:
-        raise UnetDistError(f"{origin}: key '{key}' must be one of {'|'.join(choices)}, got {value!r}")
-    return value
+    return float(value) if tp is float else value
 
 
 def _apply(obj: Any, data: dict, origin: str, prefix: str = "") -> None:

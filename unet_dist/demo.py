@@ -48,8 +48,9 @@ def main(argv: list[str] | None = None) -> None:
     def run() -> None:
         from unet_dist import preprocess
         from unet_dist.data import shards
-        from unet_dist.data.synthetic import write_dataset
-        from unet_dist.evaluate import evaluate_model, format_table, log_to_run
+        from unet_dist.synth import write_dataset
+        from unet_dist.evaluation import evaluate_model, format_table
+        from unet_dist.tracking import log_to_run
         from unet_dist.model_io import load_model
         from unet_dist.train import launch
         from unet_dist.train.cli import summary_lines

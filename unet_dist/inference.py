@@ -12,9 +12,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from unet_dist.labels import IGNORE
 from unet_dist.model import margin, mirror_pad, output_size, valid_input_size
 
 
@@ -99,24 +97,3 @@ def predict_logits(model: nn.Module, image: torch.Tensor, tile: int | None = Non
             out[..., y0 : y0 + bh, x0 : x0 + bw] = logits[..., ay.keep : ay.keep + bh, ax.keep : ax.keep + bw]
     assert out is not None
     return out
-
-
-def pad_for_valid(
-    images: torch.Tensor, labels: torch.Tensor | None, depth: int, ignore: int = IGNORE
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Training in valid mode: make a valid-model output line up with a label crop.
-
-    ``images [N, C, H, W]`` is mirror-padded by the margin (plus a few pixels bottom/right), and
-    ``labels [N, H, W]`` is padded bottom/right with ``ignore`` up to the nearest valid output size, so
-    ``model(images)`` has exactly the labels' size and pixel (i, j) of both is pixel (i, j) of the crop.
-    """
-    h, w = images.shape[-2:]
-    if labels is not None and labels.shape[-2:] != (h, w):
-        raise ValueError(f"image {h}x{w} and label {tuple(labels.shape[-2:])} sizes differ")
-    m = margin(depth)
-    oh = output_size(valid_input_size(h, depth), depth)
-    ow = output_size(valid_input_size(w, depth), depth)
-    images = mirror_pad(images, m, m + oh - h, m, m + ow - w)
-    if labels is not None and (oh, ow) != (h, w):
-        labels = F.pad(labels, (0, ow - w, 0, oh - h), value=ignore)
-    return images, labels

@@ -9,7 +9,6 @@ import math
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from unet_dist.labels import IGNORE
 
@@ -38,31 +37,7 @@ def confusion_matrix(
     return torch.bincount(target * k + pred, minlength=k * k).reshape(k, k)
 
 
-class ConfusionMeter:
-    """Accumulates a confusion matrix over batches; ``all_reduce()`` gives the total over all ranks."""
-
-    def __init__(self, num_classes: int, device: torch.device | str = "cpu", ignore: int = IGNORE):
-        self.num_classes, self.ignore = num_classes, ignore
-        self.conf = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
-
-    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
-        self.conf += confusion_matrix(pred.to(self.conf.device), target.to(self.conf.device),
-                                      self.num_classes, self.ignore)
-
-    def reset(self) -> None:
-        self.conf.zero_()
-
-    def all_reduce(self) -> torch.Tensor:
-        """The SUM over ranks when torch.distributed is initialised (every rank must call it), else a copy.
-
-        Returns a new tensor and leaves this rank's counts alone, so calling it twice never double counts.
-        """
-        total = self.conf.clone()
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(total, op=dist.ReduceOp.SUM)
-        return total
-
-    def scores(self) -> dict:
+def scores(self) -> dict:
         """Scores of this rank's counts (call ``scores(meter.all_reduce())`` for the global ones)."""
         return scores(self.conf)
 

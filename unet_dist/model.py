@@ -17,14 +17,15 @@ from __future__ import annotations
 
 import itertools
 import math
+import typing
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from unet_dist.config import ModelConfig
+from unet_dist.config import ModelConfig, Padding
 
-PADDINGS = ("valid", "same")
+PADDINGS = typing.get_args(Padding)
 
 
 def _reflect_index(length: int, before: int, after: int, device: torch.device) -> torch.Tensor:
@@ -185,11 +186,6 @@ class UNet(nn.Module):
     @classmethod
     def from_config(cls, cfg: ModelConfig) -> "UNet":
         return cls(cfg.in_channels, cfg.num_classes, cfg.width, cfg.depth, cfg.padding, cfg.batch_norm)
-
-    @property
-    def margin(self) -> int:
-        """Pixels lost per side: 0 in same mode, ``margin(depth)`` in valid mode."""
-        return margin(self.depth) if self.padding == "valid" else 0
 
     def _init_weights(self) -> None:
         """The paper's init: Gaussian with std sqrt(2 / N), N = inputs feeding one unit."""

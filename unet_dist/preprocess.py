@@ -32,6 +32,7 @@ from typing import Callable, Iterable, Iterator, Optional
 import numpy as np
 
 from unet_dist.config import Config, add_config_args, config_from_args, to_dict
+from unet_dist import files
 from unet_dist.data import shards as sh
 from unet_dist.data.quantize import Quantizer, fit_quantizer, lookup, sample_mask_pixels
 from unet_dist.data.sources import SPLITS, BadInput, Sample, list_samples, load_sample
@@ -43,7 +44,6 @@ log = logging.getLogger("unet_dist.preprocess")
 FAR = 254  # table marker for colours far from every centroid: counted, then stored as ignore (255)
 FIT_MAX_MASKS = 500  # train masks read to sample KMeans pixels (a seeded subset beyond this)
 PROGRESS = ".progress"  # hidden folder of per-shard sidecars (resume state)
-QUANTIZER = "quantizer.json"
 SHARD_RE = re.compile(r"^(train|val)-\d{6}\.tar$")
 
 
@@ -182,14 +182,14 @@ def _unit_task(unit: Unit) -> dict:
                     rec["agree"][0] += int((ids == _ID_LUT[dec.truth]).sum())
                     rec["agree"][1] += int(ids.size)
             if job.resize:
-                photo, ext = sh.encode_jpeg(sh.resize_photo(dec.photo, job.resize)), "jpg"
+                photo, ext = files.encode_jpeg(sh.resize_photo(dec.photo, job.resize)), "jpg"
                 ids = sh.resize_label(ids, job.resize)
             elif dec.photo_bytes is not None:
                 photo, ext = dec.photo_bytes, dec.photo_ext
             elif dec.photo_ext == "png":
-                photo, ext = sh.encode_png(dec.photo), "png"
+                photo, ext = files.encode_png(dec.photo), "png"
             else:
-                photo, ext = sh.encode_jpeg(dec.photo), "jpg"
+                photo, ext = files.encode_jpeg(dec.photo), "jpg"
             counts[:] += np.bincount(ids.ravel(), minlength=256)
             sizes.add(ids.shape)
             rec["samples"] += 1
@@ -203,7 +203,7 @@ def _unit_task(unit: Unit) -> dict:
         rec["sha256"], rec["bytes"] = None, 0
     rec["class_pixels"] = [int(c) for c in counts[:NUM_CLASSES]] + [int(counts[IGNORE])]
     rec["sizes"] = sorted([int(h), int(w)] for h, w in sizes)
-    sh.write_json_atomic(out / PROGRESS / f"{unit.name}.json", rec)
+    files.write_json_atomic(out / PROGRESS / f"{unit.name}.json", rec)
     return rec
 
 
@@ -245,7 +245,7 @@ def _fit(cfg: Config, job: Job, train: list[Sample], out: Path, processes: int) 
         chosen = [train[i] for i in sorted(pick)]
     key = _digest({"quantize": vars(q_cfg), "layout": cfg.data.layout, "versions": versions(),
                    "max_masks": FIT_MAX_MASKS, "sources": [_stat(root, s.color or s.photo) for s in chosen]})
-    key_file, q_file = out / PROGRESS / "quantizer.key", out / QUANTIZER
+    key_file, q_file = out / PROGRESS / "quantizer.key", out / sh.QUANTIZER
     if key_file.is_file() and q_file.is_file() and key_file.read_text() == key:
         log.info("reusing %s (same inputs)", q_file)
         return Quantizer.from_json(q_file.read_text(), str(q_file)), {"reused": True}
@@ -260,8 +260,8 @@ def _fit(cfg: Config, job: Job, train: list[Sample], out: Path, processes: int) 
     t1 = time.perf_counter()
     q = fit_quantizer(pixels, q_cfg.k, q_cfg.seed, q_cfg.max_distance)
     t2 = time.perf_counter()
-    sh.write_bytes_atomic(q_file, q.to_json().encode())
-    sh.write_bytes_atomic(key_file, key.encode())
+    files.write_bytes_atomic(q_file, q.to_json().encode())
+    files.write_bytes_atomic(key_file, key.encode())
     log.info("KMeans k=%d on %d pixels from %d masks: sampled in %.2fs, fitted in %.2fs",
              len(q.centroids), len(pixels), len(chosen), t1 - t0, t2 - t1)
     return q, {"reused": False, "sample_s": t1 - t0, "fit_s": t2 - t1}
@@ -299,7 +299,7 @@ def _finished(out: Path, unit: Unit, on_bad_input: str) -> Optional[dict]:
     if rec.get("samples") == 0:
         return rec
     path = out / unit.name
-    if not path.is_file() or path.stat().st_size != rec.get("bytes") or sh.sha256_file(path) != rec.get("sha256"):
+    if not path.is_file() or path.stat().st_size != rec.get("bytes") or files.sha256_file(path) != rec.get("sha256"):
         log.warning("%s: missing or does not match its record; rebuilding", path)
         return None
     return rec
@@ -338,10 +338,10 @@ def run(cfg: Config) -> dict:
     q, fit_info, q_sha, lut_s = None, {}, None, 0.0
     if d.label_source == "color":
         q, fit_info = _fit(cfg, job, samples["train"], out, processes)
-        q_sha = sh.sha256_file(out / QUANTIZER)
+        q_sha = files.sha256_file(out / sh.QUANTIZER)
         job = Job(job.root, job.out, job.label_source, job.on_bad_input, resize, q.to_json(), q_sha)
     else:
-        (out / QUANTIZER).unlink(missing_ok=True)
+        (out / sh.QUANTIZER).unlink(missing_ok=True)
 
     units = _plan(cfg, samples, q_sha)
     records = {u.name: r for u in units if (r := _finished(out, u, d.on_bad_input)) is not None}
@@ -365,7 +365,7 @@ def run(cfg: Config) -> dict:
     shard_s = time.perf_counter() - t0
     manifest = _manifest(cfg, units, records, q_sha)
     _drop_stale(out, units, manifest)
-    sh.write_json_atomic(out / sh.MANIFEST, manifest)
+    files.write_json_atomic(out / sh.MANIFEST, manifest)
 
     seconds = time.perf_counter() - t_start
     built = sum(records[u.name]["samples"] for u in todo)
@@ -412,7 +412,7 @@ def _manifest(cfg: Config, units: list[Unit], records: dict, q_sha: Optional[str
         "class_pixels": class_pixels,
         "unmatched_pixels": far,  # mask pixels far from every KMeans centre, stored as ignore
         "image_size": image_size,
-        "quantizer": {"file": QUANTIZER, "sha256": q_sha} if q_sha else None,
+        "quantizer": {"file": sh.QUANTIZER, "sha256": q_sha} if q_sha else None,
         "label_source": cfg.data.label_source,
         "config": to_dict(cfg),
         "versions": versions(),

@@ -1,4 +1,5 @@
-"""MLflow: one run per training job, created once, logged to by rank 0 only.
+"""MLflow: one run per training job, created once, logged to by rank 0 only. Every MLflow call of
+the package lives here, apart from the launchers marking a run FAILED.
 
 The run id is created by whoever starts the job (the Ray driver, or torchrun's rank 0), written into
 every checkpoint, and read back on resume, so a restarted or relaunched job continues the same run.
@@ -6,18 +7,22 @@ Steps already in the run's history are not logged again after a resume.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from unet_dist.config import Config, flatten, to_dict
+from unet_dist import labels, viz
+from unet_dist.config import Config, dump_yaml, flatten, to_dict
+from unet_dist.data import shards
+from unet_dist.evaluation import format_table
+from unet_dist.files import sha256_file
 
 log = logging.getLogger("unet_dist.tracking")
 LOCAL_STORE = Path("runs") / "mlflow"
@@ -76,10 +81,6 @@ def start_run(cfg: Config, *, resume_run_id: str | None, tags: dict[str, str]) -
     return run.info.run_id
 
 
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 class RunLogger:
     """Rank 0's handle on the job's MLflow run. Other ranks get :class:`NullLogger`."""
 
@@ -122,6 +123,31 @@ class RunLogger:
     def text(self, text: str, artifact_file: str) -> None:
         self.mlflow.log_text(text, artifact_file)
 
+    def run_inputs(self, cfg: Config, tags: dict[str, Any]) -> None:
+        """What a new run starts from: tags, the shards manifest and quantizer (with a picture of its
+        clusters) and the config, so the run can be repeated from MLflow alone."""
+        shards_dir = Path(cfg.shards.dir)
+        manifest = shards_dir / shards.MANIFEST
+        self.tags({**tags, "git_commit": git_commit() or "none", "shards_manifest_sha256": sha256_file(manifest)})
+        self.metrics({"global_batch": tags["global_batch"]}, step=0)
+        self.artifact(manifest, "data")
+        quantizer = shards_dir / shards.QUANTIZER
+        if quantizer.is_file():
+            self.artifact(quantizer, "data")
+            self.image(viz.quantizer_picture(json.loads(quantizer.read_text())), "data/kmeans_clusters.png")
+        self.text(dump_yaml(cfg), "config.yaml")
+
+    def evaluation(self, result: dict, step: int) -> None:
+        """Val scores at ``step`` and the pictures that explain them: example predictions, confusion."""
+        s = result["scores"]
+        self.metrics({"val/miou": s["miou"], "val/pixel_acc": s["pixel_acc"], "val/mean_acc": s["mean_acc"],
+                      **{f"val_iou/{n}": v for n, v in zip(labels.CLASS_NAMES, s["iou"])}}, step)
+        tag = f"step_{step:07d}"
+        ex = result["examples"]
+        if ex:
+            self.image(viz.prediction_grid(ex["images"], ex["labels"], ex["preds"]), f"eval/predictions_{tag}.png")
+        self.image(viz.confusion_heatmap(result["confusion"], labels.CLASS_NAMES), f"eval/confusion_{tag}.png")
+
     def model(self, model, cfg: Config, example_hw: tuple[int, int]) -> str | None:
         """Log the model (pt2 program for serving, plus our weights + config for any-size inference)."""
         import torch
@@ -159,3 +185,19 @@ class NullLogger:
 
     def __getattr__(self, name):
         return lambda *args, **kwargs: None
+
+
+def log_to_run(tracking_uri: str, run_id: str, result: dict, split: str, step: int) -> None:
+    """Log an evaluation to an existing run (scores, table, confusion heatmap), leaving its status."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    s = result["scores"]
+    values = {f"eval/{split}_miou": s["miou"], f"eval/{split}_pixel_acc": s["pixel_acc"],
+              **{f"eval_iou/{n}": v for n, v in zip(labels.CLASS_NAMES, s["iou"]) if not np.isnan(v)}}
+    client = MlflowClient(tracking_uri)
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()])
+    client.log_text(run_id, format_table(result), f"eval/{split}_table.txt")
+    client.log_image(run_id, viz.confusion_heatmap(result["confusion"], labels.CLASS_NAMES),
+                     f"eval/{split}_confusion.png")

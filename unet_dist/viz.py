@@ -193,16 +193,3 @@ def quantizer_picture(quantizer: dict, row_h: int = 18, width: int = 420) -> Ima
             ("text", (f"{names[i] or '?'} -> {klass}  d={float(distances[i]):.1f}", WARN if ignored else TEXT)),
         ])
     return canvas
-
-
-def legend(row_h: int = 16, width: int = 180) -> Image.Image:
-    """The 19 train classes and ignore, one palette swatch each: ``width x (HEADER + 20 * row_h)``."""
-    palette = train_id_palette()
-    entries = [(tuple(palette[i]), f"{i} {name}") for i, name in enumerate(CLASS_NAMES)]
-    entries.append((tuple(palette[IGNORE]), f"{IGNORE} ignore"))
-    canvas = Image.new("RGB", (width, HEADER + len(entries) * row_h), BACKGROUND)
-    draw = ImageDraw.Draw(canvas)
-    draw.text((4, 3), "Cityscapes trainIds", fill=TEXT, font=_font())
-    for i, (rgb, text) in enumerate(entries):
-        _swatch_row(draw, HEADER + i * row_h, row_h, [("swatch", rgb), ("text", (text, TEXT))])
-    return canvas

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import itertools
 import json
-from dataclasses import dataclass, field
-from typing import Optional
+from dataclasses import dataclass
 
 import numpy as np
 
+from unet_dist.data.shards import QUANTIZER
 from unet_dist.errors import UnetDistError
 from unet_dist.labels import IGNORE, LABELS, palette_colors
 
@@ -72,7 +72,6 @@ class Quantizer:
     train_ids: np.ndarray  # (K,) uint8
     names: list[str]
     distances: np.ndarray  # (K,) distance of each centroid to its nearest palette colour
-    _lut: Optional[np.ndarray] = field(default=None, init=False, repr=False, compare=False)
 
     def to_json(self) -> str:
         return json.dumps({
@@ -84,7 +83,7 @@ class Quantizer:
         }, indent=1, sort_keys=True) + "\n"
 
     @classmethod
-    def from_json(cls, text: str, origin: str = "quantizer.json") -> "Quantizer":
+    def from_json(cls, text: str, origin: str = QUANTIZER) -> "Quantizer":
         try:
             d = json.loads(text)
             q = cls(int(d["k"]), int(d["seed"]), int(d["sample_pixels"]), float(d["max_distance"]),
@@ -103,16 +102,7 @@ class Quantizer:
         Colours farther than ``max_distance`` from every centroid get ``far_value`` (ignore by
         default; the preprocess job passes a marker to count them).
         """
-        if far_value == IGNORE and self._lut is not None:
-            return self._lut
-        lut = build_lut(self.centroids, self.train_ids, self.max_distance, far_value)
-        if far_value == IGNORE:
-            self._lut = lut
-        return lut
-
-    def map_mask(self, rgb: np.ndarray) -> np.ndarray:
-        """(H, W, 3) uint8 colour mask -> (H, W) uint8 trainIds."""
-        return lookup(self.build_lut(), rgb)
+        return build_lut(self.centroids, self.train_ids, self.max_distance, far_value)
 
 
 def build_lut(centroids: np.ndarray, train_ids: np.ndarray, max_distance: float,

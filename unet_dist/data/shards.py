@@ -1,13 +1,11 @@
 """WebDataset shard files: deterministic encoding, atomic writes, and the manifest that lists them.
 
 Bytes depend only on the inputs and the config: fixed member order, tar headers with mtime 0 and
-owner 0/"" , fixed PNG/JPEG encoder settings, JSON with sorted keys. A shard appears under its
-final name only once complete (written as ``.<name>.tmp``, then renamed), so a reader or a rerun
-never sees half a tar.
+owner 0/"" , the fixed PNG/JPEG encoders of :mod:`unet_dist.files`, JSON with sorted keys. A shard
+appears under its final name only once complete, so a reader or a rerun never sees half a tar.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -19,11 +17,11 @@ import numpy as np
 from PIL import Image
 
 from unet_dist.errors import UnetDistError
+from unet_dist.files import encode_png, fsync_dir, sha256_file, tmp_path
 
 MANIFEST = "manifest.json"
+QUANTIZER = "quantizer.json"  # beside the manifest when labels come from KMeans on colour masks
 FORMAT = 1
-JPEG_QUALITY = 95
-PNG_LEVEL = 6
 
 
 def shard_name(split: str, index: int) -> str:
@@ -32,25 +30,6 @@ def shard_name(split: str, index: int) -> str:
 
 def sample_key(split: str, index: int) -> str:
     return f"{split}-{index:06d}"
-
-
-def tmp_path(path: str | Path) -> Path:
-    """``dir/.name.tmp``: hidden from ``*`` and ``*.tar`` globs while being written."""
-    path = Path(path)
-    return path.with_name(f".{path.name}.tmp")
-
-
-def encode_jpeg(rgb: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="JPEG", quality=JPEG_QUALITY, subsampling=2,
-                              optimize=False, progressive=False)
-    return buf.getvalue()
-
-
-def encode_png(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG", compress_level=PNG_LEVEL, optimize=False)
-    return buf.getvalue()
 
 
 def resize_photo(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -76,27 +55,6 @@ def sample_members(key: str, image: bytes, image_ext: str, label: np.ndarray,
     ]
 
 
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def write_tar(path: str | Path, members: Iterable[tuple[str, bytes]]) -> tuple[str, int]:
     """Write a deterministic tar atomically; returns (sha256, bytes)."""
     path = Path(path)
@@ -113,27 +71,8 @@ def write_tar(path: str | Path, members: Iterable[tuple[str, bytes]]) -> tuple[s
         os.fsync(f.fileno())
     digest, size = sha256_file(tmp), tmp.stat().st_size
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return digest, size
-
-
-def write_json_atomic(path: str | Path, obj, indent: int | None = 1) -> bytes:
-    """Write JSON (sorted keys, trailing newline) via a hidden temp file and a rename."""
-    path = Path(path)
-    data = (json.dumps(obj, indent=indent, sort_keys=True) + "\n").encode()
-    write_bytes_atomic(path, data)
-    return data
-
-
-def write_bytes_atomic(path: str | Path, data: bytes) -> None:
-    path = Path(path)
-    tmp = tmp_path(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def load_manifest(shards_dir: str | Path) -> dict:

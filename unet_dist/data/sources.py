@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import logging
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -15,13 +16,16 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
+from unet_dist.config import Layout
 from unet_dist.errors import UnetDistError
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val")
-LAYOUTS = ("pairs", "cityscapes")
+LAYOUTS = typing.get_args(Layout)
 PAIRS_SUFFIXES = (".jpg", ".jpeg", ".png")
+CS_PHOTO_DIR = "leftImg8bit"  # <root>/leftImg8bit/<split>/<city>/<stem>_leftImg8bit.png
+CS_LABEL_DIR = "gtFine"  # <root>/gtFine/<split>/<city>/<stem>_gtFine_{color,labelIds}.png
 CS_PHOTO = "_leftImg8bit.png"
 CS_COLOR = "_gtFine_color.png"
 CS_IDS = "_gtFine_labelIds.png"
@@ -91,7 +95,7 @@ def list_split(root: str | Path, layout: str, split: str) -> list[Sample]:
         if not out:
             raise UnetDistError(f"{d}: no .jpg files in split {split!r} (expected <root>/{split}/<n>.jpg)")
         return out
-    d = root / "leftImg8bit" / split
+    d = root / CS_PHOTO_DIR / split
     if not d.is_dir():
         raise UnetDistError(f"{d}: split directory not found (cityscapes layout: leftImg8bit/{split}/<city>/)")
     photos = sorted(p.relative_to(root).as_posix() for p in d.glob(f"*/*{CS_PHOTO}") if p.is_file())
@@ -99,8 +103,8 @@ def list_split(root: str | Path, layout: str, split: str) -> list[Sample]:
         raise UnetDistError(f"{d}: no <city>/*{CS_PHOTO} files in split {split!r}")
     out = []
     for i, rel in enumerate(photos):
-        stem = rel[len("leftImg8bit/"):-len(CS_PHOTO)]  # <split>/<city>/<city>_<seq>_<frame>
-        out.append(Sample(split, i, rel, f"gtFine/{stem}{CS_COLOR}", f"gtFine/{stem}{CS_IDS}"))
+        stem = rel[len(CS_PHOTO_DIR) + 1:-len(CS_PHOTO)]  # <split>/<city>/<city>_<seq>_<frame>
+        out.append(Sample(split, i, rel, f"{CS_LABEL_DIR}/{stem}{CS_COLOR}", f"{CS_LABEL_DIR}/{stem}{CS_IDS}"))
     return out
 
 

@@ -16,7 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from unet_dist.config import Config, to_dict
+from unet_dist.data import shards
 from unet_dist.errors import UnetDistError
+from unet_dist.files import sha256_file
 
 STATE_FILE = "checkpoint.pt"
 META_FILE = "meta.json"
@@ -39,6 +42,24 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(("MT19937", keys, state["numpy"]["pos"], 0, 0.0))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def meta(cfg: Config, *, step: int, best_miou: float, run_id: str | None, world_size: int,
+         launcher: str) -> dict:
+    """What ``meta.json`` records beside the tensors: where the run stands, the whole config, the
+    MLflow run to continue, and the data it was trained on (manifest digest, quantizer path)."""
+    manifest = Path(cfg.shards.dir) / shards.MANIFEST
+    return {
+        "step": step,
+        "steps_total": cfg.train.steps,
+        "best_miou": best_miou,
+        "config": to_dict(cfg),
+        "mlflow_run_id": run_id,
+        "world_size": world_size,
+        "launcher": launcher,
+        "shards_manifest_sha256": sha256_file(manifest) if manifest.is_file() else None,
+        "quantizer": str(Path(cfg.shards.dir) / shards.QUANTIZER),
+    }
 
 
 def write(directory: Path, state: dict, meta: dict) -> Path:

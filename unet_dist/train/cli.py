@@ -37,11 +37,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
 
     def run() -> None:
+        from unet_dist.distributed import under_torchrun
         from unet_dist.train import launch
 
         cfg = config_from_args(args)
         start = time.perf_counter()
-        summary = launch.run_torchrun(cfg) if launch.under_torchrun() else launch.run_ray(cfg)
+        summary = launch.run_torchrun(cfg) if under_torchrun() else launch.run_ray(cfg)
         if summary is None:  # torchrun ranks other than 0
             return
         wall = time.perf_counter() - start

@@ -10,22 +10,16 @@ import contextlib
 import dataclasses
 import logging
 import os
-from datetime import timedelta
 from pathlib import Path
 
 from unet_dist.config import Config, from_dict, to_dict
 from unet_dist.data import shards
+from unet_dist.distributed import init_torchrun_group, pin_interface
 from unet_dist.errors import UnetDistError
-from unet_dist.train import checkpoint, interfaces, multinode
+from unet_dist.train import checkpoint, multinode
 from unet_dist.train.loop import AllRanksError, Context, train
 
 log = logging.getLogger("unet_dist.launch")
-TORCHRUN_VARS = ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "RANK", "WORLD_SIZE")
-
-
-def under_torchrun() -> bool:
-    return all(v in os.environ for v in TORCHRUN_VARS)
-
 
 def run_dir(cfg: Config) -> Path:
     return Path(cfg.train.checkpoint_dir).resolve() / cfg.train.run_name
@@ -81,34 +75,15 @@ def _latest_on_disk(directory: Path):
 
 
 # ----------------------------------------------------------------------------------------- torchrun
-def _init_process_group(backend: str, rank: int, world: int) -> None:
-    """``init_process_group`` on a store prefixed with torchrun's restart count. The agent's TCPStore
-    outlives a restart (torchrun shares its rendezvous store), so without the prefix a restarted
-    group can read the gloo addresses of the ranks that died and fail to connect. Without a shared
-    store (jobs/torchrun_multi.sh) each round has a fresh store and no prefix: restart counts differ
-    between a surviving agent and one that rejoined after its node crashed."""
-    import torch.distributed as dist
-
-    timeout = timedelta(minutes=30)
-    interfaces.pin_for_torchrun()
-    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
-                          is_master=not agent_store and rank == 0, timeout=timeout, multi_tenant=True)
-    prefix = f"unet_dist/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0') if agent_store else 'fresh'}"
-    dist.init_process_group(backend, store=dist.PrefixStore(prefix, store), rank=rank, world_size=world,
-                            timeout=timeout)
-
-
 def run_torchrun(cfg: Config) -> dict | None:
     """Called in every rank that torchrun starts; returns the summary on rank 0."""
     import torch.distributed as dist
 
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ["LOCAL_RANK"])
     cfg = absolute_paths(cfg)
-    preflight(cfg, world)  # every rank: the same answer, before any collective
+    preflight(cfg, int(os.environ["WORLD_SIZE"]))  # every rank: the same answer, before any collective
     multinode.check_tracking_store(cfg.mlflow.tracking_uri, multinode.torchrun_nodes())
-    _init_process_group("nccl" if cfg.train.use_gpu else "gloo", rank, world)
+    rank, world = init_torchrun_group("nccl" if cfg.train.use_gpu else "gloo")
     directory = run_dir(cfg)
     try:
         if multinode.torchrun_nodes() > 1:
@@ -174,7 +149,7 @@ def _pin_ray_worker_interface() -> str:
     import ray
 
     ip = ray.util.get_node_ip_address()
-    return f"{ip} {interfaces.pin_interface(ip, towards=False, why='Ray node address')}"
+    return f"{ip} {pin_interface(ip, towards=False, why='Ray node address')}"
 
 
 def _torch_config():

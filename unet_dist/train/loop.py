@@ -6,28 +6,27 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import math
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from unet_dist import labels, viz
-from unet_dist.config import Config, dump_yaml, to_dict
+from unet_dist import labels
+from unet_dist.config import Config
 from unet_dist.data import shards
 from unet_dist.data.loader import Augment, train_loader
 from unet_dist.errors import UnetDistError
-from unet_dist.evaluate import evaluate_model
+from unet_dist.evaluation import evaluate_model
 from unet_dist.model import UNet, margin, output_size
-from unet_dist.tracking import NullLogger, RunLogger, file_sha256, git_commit
+from unet_dist.tracking import NullLogger, RunLogger
 from unet_dist.train import checkpoint
 
 log = logging.getLogger("unet_dist.train")
@@ -157,200 +156,263 @@ def _finite_state(model: torch.nn.Module) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in model.state_dict().values() if t.is_floating_point())
 
 
-def _save(step: int, cfg: Config, ctx: Context, model, optimizer, scheduler, metrics: dict, best: float):
-    """Every rank calls this; rank 0 writes the checkpoint and the launcher publishes it."""
-    if ctx.rank != 0:
-        ctx.report(metrics, None)
-        return
-    with tempfile.TemporaryDirectory(prefix="unet-ckpt-") as tmp:
-        state = {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "step": step,
-            "best_miou": best,
-            "rng": checkpoint.rng_state(),
-        }
-        manifest = Path(cfg.shards.dir) / "manifest.json"
-        meta = {
-            "step": step,
-            "steps_total": cfg.train.steps,
-            "best_miou": best,
-            "config": to_dict(cfg),
-            "mlflow_run_id": ctx.run_id,
-            "world_size": ctx.world_size,
-            "launcher": ctx.launcher,
-            "shards_manifest_sha256": file_sha256(manifest) if manifest.is_file() else None,
-            "quantizer": str(Path(cfg.shards.dir) / "quantizer.json"),
-        }
-        checkpoint.write(Path(tmp), state, meta)
-        ctx.report(metrics, Path(tmp))
+@dataclass
+class _Window:
+    """Loss and throughput since the last train log line."""
+
+    started: float = field(default_factory=time.perf_counter)
+    images: int = 0
+    loss_sum: float = 0.0
+    loss_n: int = 0
+
+
+@dataclass
+class Run:
+    """One rank's run: what :func:`setup` builds, :func:`restore` fills in and :func:`prepare` adds."""
+
+    cfg: Config
+    ctx: Context
+    device: torch.device
+    manifest: dict
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    start_step: int = 0
+    best: float = float("nan")  # best val mIoU so far
+    # set by prepare()
+    net: torch.nn.Module | None = None  # the DDP wrapper (or the model itself in a world of one)
+    step_fn: Callable | None = None  # net, compiled when train.compile
+    loss_fn: torch.nn.Module | None = None
+    dtype: torch.dtype | None = None  # autocast dtype, None = fp32
+    crop: tuple[int, int] = (0, 0)
+    batches: Iterator | None = None
+    val_urls: list[str] = field(default_factory=list)
+    tracker: RunLogger | NullLogger = field(default_factory=NullLogger)
+    global_batch: int = 0
+    # progress
+    step: int = 0
+    status: str = "finished"
+    last_scores: dict = field(default_factory=dict)
+    window: _Window = field(default_factory=_Window)
+    wall_s: float = 0.0
 
 
 def train(cfg: Config, ctx: Context) -> dict:
     """Train ``cfg.train.steps`` optimiser steps in this rank; returns the run summary (rank 0)."""
+    run = setup(cfg, ctx)
+    restore(run)
+    prepare(run)
+    run_steps(run)
+    return finish(run)
+
+
+def setup(cfg: Config, ctx: Context) -> Run:
+    """Device, seeds, the verified manifest, model, optimiser and schedule: the same on every rank."""
     t = cfg.train
     device = device_for(cfg, ctx)
     torch.manual_seed(t.seed)  # same initial weights on every rank
     np.random.seed(t.seed + ctx.rank)
     if device.type == "cpu" and ctx.launcher != "torchrun":
         torch.set_num_threads(max(1, t.cpus_per_worker))
-
     manifest = _verify(cfg, ctx, device)
     model = UNet.from_config(cfg.model).to(device)
     optimizer = make_optimizer(cfg, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    start_step, best, error = 0, float("nan"), ""
+    return Run(cfg, ctx, device, manifest, model, optimizer, scheduler)
+
+
+def restore(run: Run) -> None:
+    """Continue from the launcher's newest checkpoint, if any; a refused one stops every rank together."""
+    ctx, error = run.ctx, ""
     with ctx.latest_checkpoint() as ckpt_dir:
         if ckpt_dir is not None:
             try:
-                state = checkpoint.load_state(ckpt_dir, map_location=device)
-                checkpoint.load_weights(model, state["model"], str(ckpt_dir))
-            except UnetDistError as e:  # a refused checkpoint: every rank stops together
+                state = checkpoint.load_state(ckpt_dir, map_location=run.device)
+                checkpoint.load_weights(run.model, state["model"], str(ckpt_dir))
+            except UnetDistError as e:
                 error = str(e)
             else:
-                optimizer.load_state_dict(state["optimizer"])
-                scheduler.load_state_dict(state["scheduler"])
+                run.optimizer.load_state_dict(state["optimizer"])
+                run.scheduler.load_state_dict(state["scheduler"])
                 checkpoint.set_rng_state(state["rng"])
-                start_step, best = int(state["step"]), float(state["best_miou"])
+                run.start_step, run.best = int(state["step"]), float(state["best_miou"])
                 ctx.resumed_from = str(ckpt_dir)
-    _all_ranks_ok(not error, error, ctx, device)
+    _all_ranks_ok(not error, error, ctx, run.device)
     if ctx.rank == 0 and ctx.resumed_from:
-        log.info("resumed from %s at step %d", ctx.resumed_from, start_step)
+        log.info("resumed from %s at step %d", ctx.resumed_from, run.start_step)
+
+
+def prepare(run: Run) -> None:
+    """Wrap the model for DDP, open the train stream where the restored step left off, open tracking."""
+    cfg, ctx, t, device = run.cfg, run.ctx, run.cfg.train, run.device
     if t.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if ctx.world_size > 1 else model
-    step_fn = torch.compile(net) if t.compile else net
-
-    weight = class_weights(manifest).to(device) if t.class_weights else None
-    loss_fn = torch.nn.CrossEntropyLoss(weight=weight, ignore_index=labels.IGNORE)
-    dtype = amp_dtype(cfg, device)
-    crop = label_crop(cfg)
-    aug = Augment(crop=crop, scale=tuple(t.scale), flip=t.flip,
+        run.model.to(memory_format=torch.channels_last)
+    run.net = DistributedDataParallel(run.model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if ctx.world_size > 1 else run.model
+    run.step_fn = torch.compile(run.net) if t.compile else run.net
+    weight = class_weights(run.manifest).to(device) if t.class_weights else None
+    run.loss_fn = torch.nn.CrossEntropyLoss(weight=weight, ignore_index=labels.IGNORE)
+    run.dtype = amp_dtype(cfg, device)
+    run.crop = label_crop(cfg)
+    aug = Augment(crop=run.crop, scale=tuple(t.scale), flip=t.flip,
                   margin=margin(cfg.model.depth) if cfg.model.padding == "valid" else 0)
-    train_urls = shards.shard_paths(cfg.shards.dir, manifest, "train")
-    val_urls = shards.shard_paths(cfg.shards.dir, manifest, "val")
-    batches = iter(train_loader(
-        train_urls, aug, t.batch_size, rank=ctx.rank, seed=t.seed + 7 * start_step,
-        shuffle_buffer=t.shuffle_buffer, workers=t.loader_workers, pin_memory=device.type == "cuda"))
-
-    tracker = RunLogger(cfg, ctx.run_id, resumed=start_step > 0) if ctx.rank == 0 and ctx.run_id else NullLogger()
-    global_batch = t.batch_size * t.accumulation * ctx.world_size
-    if start_step == 0:
-        tracker.tags({
-            "launcher": ctx.launcher, "world_size": ctx.world_size, "device": device.type,
-            "global_batch": global_batch, "git_commit": git_commit() or "none",
-            "shards_manifest_sha256": file_sha256(Path(cfg.shards.dir) / "manifest.json"),
-        })
-        tracker.metrics({"global_batch": global_batch}, step=0)
-        tracker.artifact(Path(cfg.shards.dir) / "manifest.json", "data")
-        quantizer = Path(cfg.shards.dir) / "quantizer.json"
-        if quantizer.is_file():
-            tracker.artifact(quantizer, "data")
-            tracker.image(viz.quantizer_picture(json.loads(quantizer.read_text())), "data/kmeans_clusters.png")
-        tracker.text(dump_yaml(cfg), "config.yaml")
+    run.val_urls = shards.shard_paths(cfg.shards.dir, run.manifest, "val")
+    run.batches = iter(train_loader(
+        shards.shard_paths(cfg.shards.dir, run.manifest, "train"), aug, t.batch_size, rank=ctx.rank,
+        seed=t.seed + 7 * run.start_step, shuffle_buffer=t.shuffle_buffer, workers=t.loader_workers,
+        pin_memory=device.type == "cuda"))
+    run.global_batch = t.batch_size * t.accumulation * ctx.world_size
+    if ctx.rank == 0 and ctx.run_id:
+        run.tracker = RunLogger(cfg, ctx.run_id, resumed=run.start_step > 0)
+    if run.start_step == 0:
+        run.tracker.run_inputs(cfg, {"launcher": ctx.launcher, "world_size": ctx.world_size,
+                                     "device": device.type, "global_batch": run.global_batch})
     if ctx.rank == 0:
         log.info("training %d steps from step %d: world %d, global batch %d, crop %s, device %s",
-                 t.steps, start_step, ctx.world_size, global_batch, crop, device)
+                 t.steps, run.start_step, ctx.world_size, run.global_batch, run.crop, device)
 
-    def run_eval(step: int) -> dict:
-        result = evaluate_model(model, val_urls, batch_size=t.batch_size, device=device, dtype=dtype,
-                                rank=ctx.rank, world=ctx.world_size, limit=t.eval_batches,
-                                keep_examples=4 if ctx.rank == 0 else 0)
-        scores = result["scores"]
-        tracker.metrics({"val/miou": scores["miou"], "val/pixel_acc": scores["pixel_acc"],
-                         "val/mean_acc": scores["mean_acc"],
-                         **{f"val_iou/{n}": v for n, v in zip(labels.CLASS_NAMES, scores["iou"])}}, step)
-        if ctx.rank == 0:
-            tag = f"step_{step:07d}"
-            ex = result["examples"]
-            if ex:
-                tracker.image(viz.prediction_grid(ex["images"], ex["labels"], ex["preds"]),
-                              f"eval/predictions_{tag}.png")
-            tracker.image(viz.confusion_heatmap(result["confusion"], labels.CLASS_NAMES),
-                          f"eval/confusion_{tag}.png")
-            log.info("step %d: val mIoU %.4f, pixel acc %.4f", step, scores["miou"], scores["pixel_acc"])
-        model.train()
-        return scores
 
-    model.train()
+def run_steps(run: Run) -> None:
+    """Steps after the restored one up to ``train.steps``; stops early on a non-finite loss or weights."""
+    t, ctx = run.cfg.train, run.ctx
+    run.model.train()
     t0 = time.perf_counter()
-    window_t, window_images, loss_sum, loss_n = time.perf_counter(), 0, 0.0, 0
-    last_scores: dict = {}
-    status = "finished"
-    step = start_step
-    if start_step >= t.steps and ctx.rank == 0:
-        log.info("run already complete at step %d: nothing to train", start_step)
-    for step in range(start_step + 1, t.steps + 1):
-        for micro in range(t.accumulation):
-            images, target = next(batches)
-            images = images.to(device, non_blocking=True)
-            target = target.to(device, non_blocking=True)
-            if t.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            sync = contextlib.nullcontext() if micro == t.accumulation - 1 or ctx.world_size == 1 else net.no_sync()
-            with sync, torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                logits = step_fn(images)
-                loss = loss_fn(logits.float(), target) / t.accumulation
-            loss.backward()
-            loss_sum += loss.item()
-        loss_n += 1
-        finite = torch.tensor([float(math.isfinite(loss_sum))], device=device)
-        if ctx.world_size > 1:
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if finite.item() < 1:
-            status = "non_finite_loss"
+    run.window, run.step = _Window(), run.start_step
+    if run.start_step >= t.steps and ctx.rank == 0:
+        log.info("run already complete at step %d: nothing to train", run.start_step)
+    for step in range(run.start_step + 1, t.steps + 1):
+        run.step = step
+        if not _optimizer_step(run):
+            run.status = "non_finite_loss"
             if ctx.rank == 0:
                 log.error("non-finite loss at step %d: stopping; the last good checkpoint is kept", step)
             break
-        if t.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        window_images += global_batch
+        _log_train(run, step)
+        if not _evaluate_and_checkpoint(run, step):
+            break
+    run.wall_s = time.perf_counter() - t0
 
-        if step % t.log_every == 0 or step == t.steps:
-            elapsed = time.perf_counter() - window_t
-            lr = scheduler.get_last_lr()[0]
-            rate = window_images / max(elapsed, 1e-9)
-            mean_loss = loss_sum / max(loss_n, 1)
-            tracker.metrics({"train/loss": mean_loss, "train/lr": lr, "train/images_per_s": rate}, step)
+
+def _optimizer_step(run: Run) -> bool:
+    """One optimiser step over ``train.accumulation`` micro-batches; False (on every rank) when the
+    loss is not finite on any rank, and then the weights are left as they were."""
+    t, ctx, device, w = run.cfg.train, run.ctx, run.device, run.window
+    for micro in range(t.accumulation):
+        images, target = next(run.batches)
+        images = images.to(device, non_blocking=True)
+        target = target.to(device, non_blocking=True)
+        if t.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        sync = contextlib.nullcontext() if micro == t.accumulation - 1 or ctx.world_size == 1 else run.net.no_sync()
+        with sync, torch.autocast(device.type, dtype=run.dtype or torch.float32, enabled=run.dtype is not None):
+            logits = run.step_fn(images)
+            loss = run.loss_fn(logits.float(), target) / t.accumulation
+        loss.backward()
+        w.loss_sum += loss.item()
+    w.loss_n += 1
+    finite = torch.tensor([float(math.isfinite(w.loss_sum))], device=device)
+    if ctx.world_size > 1:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    if finite.item() < 1:
+        return False
+    if t.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), t.grad_clip)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    w.images += run.global_batch
+    return True
+
+
+def _log_train(run: Run, step: int) -> None:
+    """Every ``train.log_every`` steps: mean loss, learning rate and images/s since the last line."""
+    t, w = run.cfg.train, run.window
+    if step % t.log_every and step != t.steps:
+        return
+    lr = run.scheduler.get_last_lr()[0]
+    rate = w.images / max(time.perf_counter() - w.started, 1e-9)
+    mean_loss = w.loss_sum / max(w.loss_n, 1)
+    run.tracker.metrics({"train/loss": mean_loss, "train/lr": lr, "train/images_per_s": rate}, step)
+    if run.ctx.rank == 0:
+        log.info("step %d/%d loss %.4f lr %.2e %.1f img/s", step, t.steps, mean_loss, lr, rate)
+    run.window = _Window()
+
+
+def _evaluate_and_checkpoint(run: Run, step: int) -> bool:
+    """Evaluate and save when due (always at the last step); False when the weights went non-finite."""
+    t, ctx = run.cfg.train, run.ctx
+    last = step == t.steps
+    evaluate = bool(t.eval_every and step % t.eval_every == 0) or last
+    save = step % t.checkpoint_every == 0 or last
+    if evaluate or save:
+        average_buffers(run.model, ctx.world_size)
+    if evaluate:
+        run.last_scores = _evaluate(run, step)
+        miou = run.last_scores["miou"]
+        run.best = miou if math.isnan(run.best) else max(run.best, miou)
+    if save:
+        if not _finite_state(run.model):  # a finite loss can sit on overflowed BatchNorm statistics
+            run.status = "non_finite_weights"
             if ctx.rank == 0:
-                log.info("step %d/%d loss %.4f lr %.2e %.1f img/s", step, t.steps, mean_loss, lr, rate)
-            window_t, window_images, loss_sum, loss_n = time.perf_counter(), 0, 0.0, 0
+                log.error("non-finite weights at step %d: stopping; the last good checkpoint is kept", step)
+            return False
+        metrics = {"step": step, "best_miou": run.best, "status": "running" if not last else run.status}
+        if run.last_scores:
+            metrics["val_miou"] = run.last_scores["miou"]
+        _save(run, step, metrics)
+    return True
 
-        last = step == t.steps
-        if (t.eval_every and step % t.eval_every == 0) or step % t.checkpoint_every == 0 or last:
-            average_buffers(model, ctx.world_size)
-        if (t.eval_every and step % t.eval_every == 0) or last:
-            last_scores = run_eval(step)
-            best = last_scores["miou"] if math.isnan(best) else max(best, last_scores["miou"])
-        if step % t.checkpoint_every == 0 or last:
-            if not _finite_state(model):  # a finite loss can sit on overflowed BatchNorm statistics
-                status = "non_finite_weights"
-                if ctx.rank == 0:
-                    log.error("non-finite weights at step %d: stopping; the last good checkpoint is kept", step)
-                break
-            metrics = {"step": step, "best_miou": best, "status": "running" if not last else status}
-            if last_scores:
-                metrics["val_miou"] = last_scores["miou"]
-            _save(step, cfg, ctx, model, optimizer, scheduler, metrics, best)
 
-    wall = time.perf_counter() - t0
+def _evaluate(run: Run, step: int) -> dict:
+    """Val scores on every rank (each scores a share); rank 0 logs them with example pictures."""
+    t, ctx = run.cfg.train, run.ctx
+    result = evaluate_model(run.model, run.val_urls, batch_size=t.batch_size, device=run.device, dtype=run.dtype,
+                            rank=ctx.rank, world=ctx.world_size, limit=t.eval_batches,
+                            keep_examples=4 if ctx.rank == 0 else 0)
+    scores = result["scores"]
+    run.tracker.evaluation(result, step)
+    if ctx.rank == 0:
+        log.info("step %d: val mIoU %.4f, pixel acc %.4f", step, scores["miou"], scores["pixel_acc"])
+    run.model.train()
+    return scores
+
+
+def _save(run: Run, step: int, metrics: dict) -> None:
+    """Every rank calls this; rank 0 writes the checkpoint and the launcher publishes it."""
+    ctx = run.ctx
+    if ctx.rank != 0:
+        ctx.report(metrics, None)
+        return
+    with tempfile.TemporaryDirectory(prefix="unet-ckpt-") as tmp:
+        state = {
+            "model": run.model.state_dict(),
+            "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(),
+            "step": step,
+            "best_miou": run.best,
+            "rng": checkpoint.rng_state(),
+        }
+        meta = checkpoint.meta(run.cfg, step=step, best_miou=run.best, run_id=ctx.run_id,
+                               world_size=ctx.world_size, launcher=ctx.launcher)
+        checkpoint.write(Path(tmp), state, meta)
+        ctx.report(metrics, Path(tmp))
+
+
+def finish(run: Run) -> dict:
+    """The run summary; rank 0 logs the model (a finished run that trained) and closes the MLflow run."""
+    cfg, ctx, step, status = run.cfg, run.ctx, run.step, run.status
     # Every rank states what it ends with: DDP keeps replicas identical, and this line shows it.
-    log.info("rank %d final weights sha256 %s", ctx.rank, weights_digest(model))
+    log.info("rank %d final weights sha256 %s", ctx.rank, weights_digest(run.model))
     summary = {"status": status, "steps": step if status == "finished" else step - 1,
-               "wall_s": round(wall, 1), "best_miou": best,
-               "val_miou": last_scores.get("miou", float("nan")), "world_size": ctx.world_size,
+               "wall_s": round(run.wall_s, 1), "best_miou": run.best,
+               "val_miou": run.last_scores.get("miou", float("nan")), "world_size": ctx.world_size,
                "resumed_from": ctx.resumed_from, "mlflow_run_id": ctx.run_id}
     if status != "finished":
-        ctx.report({"step": step - 1, "status": status, "best_miou": best}, None)
+        ctx.report({"step": step - 1, "status": status, "best_miou": run.best}, None)
     if ctx.rank == 0:
-        if status == "finished" and cfg.mlflow.log_model and ctx.run_id and step > start_step:
-            summary["model_uri"] = tracker.model(model, cfg, crop_for_example(cfg, crop))
-        tracker.close("FINISHED" if status == "finished" else "FAILED")
+        if status == "finished" and cfg.mlflow.log_model and ctx.run_id and step > run.start_step:
+            summary["model_uri"] = run.tracker.model(run.model, cfg, crop_for_example(cfg, run.crop))
+        run.tracker.close("FINISHED" if status == "finished" else "FAILED")
     return summary
 
 

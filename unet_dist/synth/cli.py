@@ -13,7 +13,7 @@ import re
 from typing import Optional
 
 from unet_dist.cli import run_main
-from unet_dist.data.synthetic import LAYOUTS, write_dataset
+from unet_dist.synth.layouts import LAYOUTS, write_dataset
 from unet_dist.errors import UnetDistError
 
 
@@ -54,7 +54,3 @@ def _main(argv: Optional[list[str]] = None) -> dict:
 
 def main(argv: Optional[list[str]] = None) -> None:
     run_main(lambda: _main(argv))
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,133 @@
+"""The parts of the training loop, one at a time, and a few real steps in-process (world size 1)."""
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from unet_dist import labels, preprocess
+from unet_dist.config import load_config
+from unet_dist.data import shards
+from unet_dist.data.loader import Augment, train_loader
+from unet_dist.synth import write_dataset
+from unet_dist.train import checkpoint
+from unet_dist.train.loop import Context, class_weights, lr_lambda, make_optimizer, train
+
+
+def cfg_with(*overrides: str):
+    return load_config(overrides=list(overrides))
+
+
+@pytest.mark.parametrize("schedule,end", [("cosine", 0.0), ("poly", 0.0), ("constant", 1.0)])
+def test_lr_warms_up_linearly_then_follows_the_schedule(schedule, end):
+    f = lr_lambda(cfg_with("train.steps=110", "train.warmup_steps=10", f"train.schedule={schedule}"))
+    assert [f(s) for s in range(3)] == pytest.approx([0.1, 0.2, 0.3])
+    assert f(9) == pytest.approx(1.0) and f(10) == pytest.approx(1.0)
+    assert f(110) == pytest.approx(end, abs=1e-12) and f(500) == pytest.approx(end, abs=1e-12)
+    halfway = {"cosine": 0.5, "poly": 0.5 ** 0.9, "constant": 1.0}[schedule]
+    assert f(60) == pytest.approx(halfway)
+
+
+def test_class_weights_favour_rare_classes_and_average_one_over_present_classes():
+    counts = [0] * labels.NUM_CLASSES
+    counts[0], counts[1], counts[2] = 1_000_000, 10_000, 100
+    w = class_weights({"class_pixels": {"train": counts + [555]}})  # the ignore count is left out
+    assert w.shape == (labels.NUM_CLASSES,) and w.dtype == torch.float32
+    assert w[2] > w[1] > w[0]
+    assert float(w[:3].mean()) == pytest.approx(1.0)
+    p = np.array(counts[:3]) / sum(counts)
+    raw = 1 / np.log(1.02 + p)
+    assert w[:3].numpy() == pytest.approx(raw / raw.mean(), rel=1e-6)
+
+
+def test_make_optimizer_builds_sgd_with_momentum_or_adamw():
+    model = torch.nn.Linear(2, 2)
+    sgd = make_optimizer(cfg_with("train.optimizer=sgd", "train.lr=0.1", "train.momentum=0.8",
+                                  "train.weight_decay=0.01"), model)
+    assert type(sgd) is torch.optim.SGD
+    assert {k: sgd.param_groups[0][k] for k in ("lr", "momentum", "weight_decay")} == \
+        {"lr": 0.1, "momentum": 0.8, "weight_decay": 0.01}
+    adamw = make_optimizer(cfg_with("train.lr=0.002"), model)
+    assert type(adamw) is torch.optim.AdamW and adamw.param_groups[0]["lr"] == 0.002
+
+
+def test_publish_moves_a_checkpoint_in_whole_and_keeps_the_newest_two(tmp_path):
+    run_dir = tmp_path / "run"
+    for step in (1, 2, 3, 3):
+        tmp = tmp_path / f"tmp{step}"
+        checkpoint.write(tmp, {"step": step}, {"step": step})
+        final = checkpoint.publish(tmp, run_dir, step)
+        assert final == run_dir / f"checkpoint_step-{step:08d}"
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint_step-00000002", "checkpoint_step-00000003"]
+    assert checkpoint.find_latest(run_dir) == run_dir / "checkpoint_step-00000003"
+    assert checkpoint.load_state(run_dir / "checkpoint_step-00000003") == {"step": 3}
+
+
+@pytest.fixture(scope="module")
+def tiny_shards(tmp_path_factory) -> Path:
+    """8 train / 4 val pairs at 32x32, written in-process (no subprocesses)."""
+    root = tmp_path_factory.mktemp("tiny")
+    write_dataset(root / "raw", "pairs", 8, 4, seed=0, processes=1)
+    preprocess.run(cfg_with(f"data.root={root / 'raw'}", f"shards.dir={root / 'shards'}", "data.resize=[32,32]",
+                            "shards.samples_per_shard=4", "shards.processes=1", "quantize.sample_pixels=5000"))
+    return root / "shards"
+
+
+def test_train_loader_streams_endless_normalised_batches_with_train_ids(tiny_shards):
+    urls = shards.shard_paths(tiny_shards, shards.load_manifest(tiny_shards), "train")
+    loader = iter(train_loader(urls, Augment(crop=(16, 24), scale=(1.0, 1.0), flip=True), 3, rank=0, seed=1,
+                               shuffle_buffer=4, workers=0, pin_memory=False))
+    batches = [next(loader) for _ in range(5)]  # 15 samples from 8: the stream resamples shards
+    for images, target in batches:
+        assert images.shape == (3, 3, 16, 24) and images.dtype == torch.float32
+        assert target.shape == (3, 16, 24) and target.dtype == torch.int64
+        assert set(target.unique().tolist()) <= set(range(labels.NUM_CLASSES)) | {labels.IGNORE}
+    assert abs(float(torch.cat([b[0] for b in batches]).mean())) < 1.5  # ImageNet-standardised
+
+
+def local_context(run_dir: Path, reports: list) -> Context:
+    """What the torchrun launcher gives a world of one, without a process group or MLflow."""
+    def report(metrics: dict, tmp: Path | None) -> None:
+        reports.append(metrics)
+        if tmp is not None:
+            checkpoint.publish(tmp, run_dir, int(metrics["step"]))
+
+    return Context(rank=0, world_size=1, local_rank=0, launcher="single", run_id=None, report=report,
+                   latest_checkpoint=lambda: contextlib.nullcontext(checkpoint.find_latest(run_dir)))
+
+
+def tiny_run(shards_dir: Path, steps: int, *extra: str):
+    return cfg_with(f"shards.dir={shards_dir}", f"train.steps={steps}", "model.width=4", "model.depth=2",
+                    "train.crop=[16,16]", "train.batch_size=2", "train.warmup_steps=1", "train.eval_every=0",
+                    "train.checkpoint_every=2", "train.loader_workers=0", "train.log_every=1", *extra)
+
+
+def test_sgd_with_class_weights_trains_checkpoints_and_evaluates(tiny_shards, tmp_path):
+    reports: list = []
+    cfg = tiny_run(tiny_shards, 3, "train.optimizer=sgd", "train.class_weights=true")
+    summary = train(cfg, local_context(tmp_path, reports))
+    assert summary["status"] == "finished" and summary["steps"] == 3 and summary["resumed_from"] is None
+    assert [r["step"] for r in reports] == [2, 3] and reports[-1]["status"] == "finished"
+    assert 0.0 <= summary["val_miou"] <= 1.0 and summary["best_miou"] == summary["val_miou"]
+    latest = checkpoint.find_latest(tmp_path)
+    meta, state = checkpoint.read_meta(latest), checkpoint.load_state(latest)
+    assert meta["step"] == 3 and meta["config"]["train"]["optimizer"] == "sgd" and meta["launcher"] == "single"
+    assert meta["shards_manifest_sha256"] and meta["quantizer"].endswith(shards.QUANTIZER)
+    assert state["optimizer"]["param_groups"][0]["momentum"] == 0.9
+    assert all("momentum_buffer" in s for s in state["optimizer"]["state"].values())
+    assert all(math.isfinite(float(t.float().sum())) for t in state["model"].values())
+
+
+def test_a_second_call_resumes_from_the_checkpoint_and_continues_the_step_count(tiny_shards, tmp_path):
+    train(tiny_run(tiny_shards, 2), local_context(tmp_path, []))
+    reports: list = []
+    ctx = local_context(tmp_path, reports)
+    summary = train(tiny_run(tiny_shards, 4), ctx)
+    assert summary["resumed_from"] == str(tmp_path / "checkpoint_step-00000002")
+    assert summary["steps"] == 4 and [r["step"] for r in reports] == [4]
+    assert torch.load(tmp_path / "checkpoint_step-00000004" / checkpoint.STATE_FILE,
+                      weights_only=True)["scheduler"]["last_epoch"] == 4
