@@ -131,9 +131,8 @@ def torchrun_node_lost(cluster):
     p1.wait(timeout=30)
     wait_for(lambda: "failed (exitcode" in logs[0].read_text(), "node0's agent to see its rank fail", [p0], logs)
     newest = latest_step(run_dir)
-    # The machine comes back after the rendezvous has written the old agent off (no heartbeat for
-    # keep_alive_interval x keep_alive_max_attempt = 15 s); joining sooner leaves both agents
-    # waiting in different rounds.
+    # The machine comes back as a rebooted one would: after the rendezvous has written the old
+    # agent off (no heartbeat for keep_alive_interval x keep_alive_max_attempt = 15 s).
     time.sleep(20)
     p1b = torchrun_node(c, "node1", 1, "node0", name, logs[2], *sets, restarts=2)
     finish([p0, p1b], logs, timeout=300)
@@ -307,8 +306,8 @@ def test_ray_run_across_nodes_logs_one_mlflow_run_once_per_step(ray_node_lost):
     ((), "mlflow.tracking_uri"),  # the job gets no MLFLOW_TRACKING_URI: a sqlite file on the driver's node
     (("train.checkpoint_dir=/scratch/ckpt",), "train.checkpoint_dir"),  # each node's own disk
 ])
-def test_multinode_mistakes_end_the_job_with_one_line_before_workers_start(ray_node_lost, mistake, key):
-    c = ray_node_lost["c"]
+def test_multinode_mistakes_end_the_job_with_one_line_before_workers_start(ray_cluster, mistake, key):
+    c = ray_cluster
     log = c.root / f"ray-mistake-{key}.log"
     proc = submit(c, log, "train.steps=4", f"train.run_name=mistake-{key}", *mistake,
                   tracking=key != "mlflow.tracking_uri")
