@@ -11,19 +11,28 @@ Run on each of the NNODES machines (same RUN_ID and MASTER_ADDR everywhere):
   torchrun --nnodes=\$NNODES --node-rank=\$NODE_RANK --nproc-per-node=\$NPROC \\
            --rdzv-backend=c10d --rdzv-endpoint=\$MASTER_ADDR:\$MASTER_PORT --rdzv-id=\$RUN_ID \\
            --max-restarts=\$MAX_RESTARTS -m unet_dist.train --config \$CONFIG [--set ...]
-The c10d rendezvous is hosted by the node whose address is MASTER_ADDR. train.checkpoint_dir
+The c10d rendezvous is hosted by NODE_RANK 0 (--rdzv-conf is_host=true there, false elsewhere), so
+MASTER_ADDR must be node 0's address: torchrun's own guess (does MASTER_ADDR match this host's name?)
+fails on hosts whose name resolves to another NIC or to 127.0.1.1. For the same reason each agent
+advertises LOCAL_ADDR (node 0: MASTER_ADDR; the others: their address on the route to MASTER_ADDR)
+rather than its host name, and every rendezvous round builds its own bootstrap store
+(TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: with a shared store, a node that rejoins after a crash waits
+for ever for a round that the surviving node never announces). train.checkpoint_dir
 must be storage every node sees (NFS, a shared volume) so a restart resumes everywhere.
 
 Environment (default):
   NNODES        number of nodes, or MIN:MAX for elastic membership (required)
   NODE_RANK     this node's rank, 0..NNODES-1 (required; c10d may reassign ranks)
   MASTER_ADDR   host name or address of the rendezvous node (required)
+  IS_HOST       whether this node hosts the rendezvous store (true when NODE_RANK is 0)
+  LOCAL_ADDR    the address other nodes reach this one at (see above)
   MASTER_PORT   rendezvous port, open between the nodes (29500)
   RUN_ID        rendezvous id shared by all nodes of one run (unet-dist)
   CONFIG        config file (jobs/configs/cityscapes.yaml)
   NPROC         processes per node: auto, gpu, cpu or a number (auto)
   MAX_RESTARTS  worker-group restarts before giving up (3)
   TORCHRUN      torchrun executable (torchrun)
+  PYTHON        interpreter with unet_dist installed, to find LOCAL_ADDR (python3)
   DRY_RUN=1     print the command instead of running it
 EOF2
 }
@@ -35,6 +44,20 @@ EOF2
 CONFIG="${CONFIG:-jobs/configs/cityscapes.yaml}"
 resolve_config
 to_set_args "$@"
+if [[ -z "${IS_HOST:-}" ]]; then
+    IS_HOST=false
+    [[ "$NODE_RANK" == 0 ]] && IS_HOST=true
+fi
+if [[ -z "${LOCAL_ADDR:-}" ]]; then
+    if [[ "$IS_HOST" == true ]]; then
+        LOCAL_ADDR="$MASTER_ADDR"
+    elif [[ "${DRY_RUN:-0}" != 1 ]]; then
+        LOCAL_ADDR="$(cd "$UNET_REPO_ROOT" && "${PYTHON:-python3}" -m unet_dist.distributed "$MASTER_ADDR" 2>/dev/null || true)"
+    fi
+fi
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE="${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}"
+LOCAL_ADDR_ARGS=()
+[[ -n "${LOCAL_ADDR:-}" ]] && LOCAL_ADDR_ARGS=(--local-addr="$LOCAL_ADDR")
 
 run_torchrun "${TORCHRUN:-torchrun}" \
     --nnodes="$NNODES" \
@@ -43,5 +66,7 @@ run_torchrun "${TORCHRUN:-torchrun}" \
     --rdzv-backend=c10d \
     --rdzv-endpoint="$MASTER_ADDR:${MASTER_PORT:-29500}" \
     --rdzv-id="${RUN_ID:-unet-dist}" \
+    --rdzv-conf="is_host=$IS_HOST" \
+    "${LOCAL_ADDR_ARGS[@]}" \
     --max-restarts="${MAX_RESTARTS:-3}" \
     -m unet_dist.train --config "$CONFIG" "${SET_ARGS[@]}"

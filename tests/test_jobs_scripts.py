@@ -102,8 +102,15 @@ def test_torchrun_multi_uses_a_c10d_rendezvous_on_the_master():
     assert cmd[0] == "torchrun"
     flags = cmd[1:cmd.index("-m")]
     assert {"--nnodes=2", "--node-rank=1", "--nproc-per-node=auto", "--rdzv-backend=c10d",
-            "--rdzv-endpoint=node0:29500", "--rdzv-id=r7", "--max-restarts=3"} == set(flags)
+            "--rdzv-endpoint=node0:29500", "--rdzv-id=r7", "--max-restarts=3", "--rdzv-conf=is_host=false"} == set(flags)
     assert cmd[cmd.index("-m"):] == ["-m", "unet_dist.train", "--config", "jobs/configs/cityscapes.yaml"]
+
+
+def test_torchrun_multi_hosts_the_rendezvous_on_node_rank_0_whatever_its_host_name_resolves_to():
+    """torchrun guesses is_host from the host name, which fails on hosts with several NICs."""
+    first = dry("torchrun_multi.sh", NNODES="2", NODE_RANK="0", MASTER_ADDR="10.0.0.5")
+    assert "--rdzv-conf=is_host=true" in first and "--local-addr=10.0.0.5" in first
+    assert "--rdzv-conf=is_host=false" in dry("torchrun_multi.sh", NNODES="2", NODE_RANK="1", MASTER_ADDR="10.0.0.5")
 
 
 @pytest.mark.parametrize("missing", ["NNODES", "NODE_RANK", "MASTER_ADDR"])

@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> None:
         s = result["scores"]
         if args.json:
             print(json.dumps({"miou": s["miou"], "pixel_acc": s["pixel_acc"], "mean_acc": s["mean_acc"],
-                              "iou": {n: (None if np.isnan(v) else v) for n, v in zip(labels.CLASS_NAMES, s["iou"])}}))
+                              "iou": {n: (None if np.isnan(v) else v) for n, v in zip(labels.CLASS_NAMES, s["iou"])},
+                              "confusion": result["confusion"].tolist()}))
         else:
             print(format_table(result))
         if args.log_to_run:

@@ -61,7 +61,7 @@ def run_trial(values: dict, *, base: dict, sweep: Sweep, trials_dir: str, parent
     """One Tune trial: a Ray Train run of the one loop, logging to a child run of the sweep's run."""
     import ray.tune
 
-    from unet_dist.train import launch
+    from unet_dist.train import launch, multinode
 
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = trial_config(from_dict(base, "base config"), values, sweep, trial_id, trials_dir)
@@ -236,6 +236,7 @@ def run_sweep(cfg: Config, sweep: Sweep) -> dict:
     exp_dir = storage / sweep.name
     trials_dir = exp_dir / "trials"
     launch.init_ray()
+    multinode.check_ray_cluster(cfg)
     check_cluster(sweep, ray.cluster_resources())
     restoring = tune.Tuner.can_restore(str(exp_dir))
     parent_run_id = _open_parent(cfg, sweep, exp_dir, restoring)

@@ -15,9 +15,9 @@ from pathlib import Path
 from unet_dist import storage
 from unet_dist.config import Config, from_dict, to_dict
 from unet_dist.data import shards
-from unet_dist.distributed import init_torchrun_group
+from unet_dist.distributed import init_torchrun_group, pin_interface
 from unet_dist.errors import UnetDistError
-from unet_dist.train import checkpoint, preemption
+from unet_dist.train import checkpoint, multinode, preemption
 from unet_dist.train.loop import AllRanksError, Context, train
 
 log = logging.getLogger("unet_dist.launch")
@@ -94,9 +94,12 @@ def run_torchrun(cfg: Config) -> dict | None:
     preemption.install()  # the agent forwards its SIGTERM to every rank
     cfg = absolute_paths(cfg)
     preflight(cfg)  # every rank: the same answer, before any collective
+    multinode.check_tracking_store(cfg.mlflow.tracking_uri, multinode.torchrun_nodes())
     rank, world = init_torchrun_group("nccl" if cfg.train.use_gpu else "gloo")
     directory = run_dir(cfg)
     try:
+        if multinode.torchrun_nodes() > 1:
+            multinode.check_torchrun_places(cfg, rank, world)
         run_id = open_run(cfg, "torchrun", world)[0] if rank == 0 else None
 
         def report(metrics: dict, tmp: Path | None) -> None:
@@ -197,6 +200,33 @@ def _ray_worker(loop_config: dict) -> dict:
         return {"status": "error", "error": str(e)}
 
 
+def _pin_ray_worker_interface() -> str:
+    import ray
+
+    ip = ray.util.get_node_ip_address()
+    return f"{ip} {pin_interface(ip, towards=False, why='Ray node address')}"
+
+
+def _torch_config():
+    """Ray's TorchConfig, pinning each worker's gloo/NCCL interface to its Ray node address before
+    the process group forms (the address a host name resolves to may be another network)."""
+    from ray.train.torch import TorchConfig
+    from ray.train.torch.config import _TorchBackend
+
+    class Backend(_TorchBackend):
+        def on_start(self, worker_group, backend_config):
+            for line in sorted(set(worker_group.execute(_pin_ray_worker_interface))):
+                log.info("Ray worker at %s: network interface %s for collectives", *line.split(" ", 1))
+            super().on_start(worker_group, backend_config)
+
+    class PinnedTorchConfig(TorchConfig):
+        @property
+        def backend_cls(self):
+            return Backend
+
+    return PinnedTorchConfig
+
+
 def init_ray() -> None:
     """Join ``$RAY_ADDRESS``, or start a private local Ray for this job (never a stale one from /tmp/ray)."""
     import ray
@@ -215,7 +245,7 @@ def ray_trainer(cfg: Config, run_id: str, callbacks: tuple = (), gpus_per_worker
     """The TorchTrainer over :func:`_ray_worker` for ``cfg`` (absolute paths), logging to ``run_id``.
     One builder for a plain training job and for each trial of a sweep (unet_dist.tune)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
 
     t = cfg.train
     filesystem, storage_path = storage.pyarrow_filesystem(t.checkpoint_dir)  # S3: same endpoint as boto3
@@ -224,7 +254,7 @@ def ray_trainer(cfg: Config, run_id: str, callbacks: tuple = (), gpus_per_worker
         _ray_worker,
         train_loop_config={"config": to_dict(cfg), "run_id": run_id, "run_dir": str(run_dir(cfg)),
                            "preempt_key": preempt_key},
-        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+        torch_config=_torch_config()(backend="nccl" if t.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=t.workers, use_gpu=t.use_gpu,
                                      resources_per_worker={"CPU": t.cpus_per_worker,
                                                            **({"GPU": gpus_per_worker} if t.use_gpu else {})}),
@@ -268,7 +298,8 @@ def run_ray(cfg: Config) -> dict:
     """Start a TorchTrainer on ``$RAY_ADDRESS`` (or a local Ray) and wait for it."""
     cfg = absolute_paths(cfg)
     preflight(cfg)
-    run_id, resumed = open_run(cfg, "ray", cfg.train.workers)
     init_ray()
+    multinode.check_ray_cluster(cfg)  # before the run exists: a store or folder one node lacks
+    run_id, resumed = open_run(cfg, "ray", cfg.train.workers)
     _forward_driver_preemption(f"{cfg.train.run_name}/{run_id}")
     return fit_ray(cfg, ray_trainer(cfg, run_id), run_id, resumed)

@@ -1,0 +1,331 @@
+"""Multi-node, for real: two "machines" made of Linux namespaces (tests/cluster), each with its own
+address, /tmp, Ray temp dir, host name and /etc/hosts, an MLflow server in a services namespace, and
+shards + checkpoints on one host folder bound at /mnt/shared in every node (the NFS case).
+
+Both launchers train across the two nodes through the user-facing scripts (jobs/submit_ray.sh,
+jobs/torchrun_multi.sh), survive losing node 1 mid-run, and end with one MLflow run that logged each
+step once; evaluation on two nodes gives the confusion matrix of one process; nodes whose host name
+resolves to 127.0.1.1 still train (is_host from NODE_RANK, the collective interface chosen from the
+route to MASTER_ADDR).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from cluster import BIN, Cluster, mlflow_store, require_namespaces, s3_env, start_mlflow, start_s3
+from conftest import REPO, make_shards
+from unet_dist.train import checkpoint
+
+pytestmark = pytest.mark.slow
+
+TINY = ["model.width=4", "model.depth=3", "train.crop=[32,32]", "train.batch_size=2", "train.loader_workers=0",
+        "train.eval_every=0", "train.log_every=1", "train.checkpoint_every=5", "mlflow.system_metrics=false",
+        "mlflow.log_model=false", "mlflow.registered_model=", "shards.dir=/mnt/shared/shards",
+        "train.checkpoint_dir=/mnt/shared/ckpt"]
+TWINS = {"twin0": "twin", "twin1": "twin"}  # two machines with one host name, resolving to 127.0.1.1
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """node0, node1 (plain machines), twin0, twin1 (host name resolves elsewhere), services (MLflow)."""
+    require_namespaces()
+    root = tmp_path_factory.mktemp("cluster")
+    nfs = root / "nfs"
+    nfs.mkdir()
+    make_shards(nfs)  # -> nfs/shards, seen as /mnt/shared/shards on every node
+    c = Cluster(root, ["node0", "node1", "twin0", "twin1"], services=True, shared=nfs,
+                hostnames=TWINS, hosts={n: "127.0.1.1 twin" for n in TWINS})
+    try:
+        c.mlflow_uri = start_mlflow(c)
+        c.nfs = nfs
+        yield c
+    finally:
+        c.close()
+
+
+def wait_for(predicate, what: str, procs: list[subprocess.Popen], logs: list[Path], timeout: float = 240):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if any(p.poll() is not None for p in procs):
+            raise AssertionError(f"a job ended before {what}\n" + tail(logs))
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}\n" + tail(logs))
+
+
+def tail(logs: list[Path], n: int = 3000) -> str:
+    return "\n".join(f"--- {p.name} ---\n{p.read_text()[-n:]}" for p in logs if p.exists())
+
+
+def finish(procs: list[subprocess.Popen], logs: list[Path], timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        try:
+            p.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            raise AssertionError("job still running\n" + tail(logs)) from None
+    assert all(p.returncode == 0 for p in procs), [p.returncode for p in procs] + [tail(logs)]
+
+
+def latest_step(run_dir: Path) -> int:
+    latest = checkpoint.find_latest(run_dir)
+    return int(checkpoint.read_meta(latest)["step"]) if latest else 0
+
+
+def logged_steps(text: str, steps: int) -> list[int]:
+    return [int(s) for s in re.findall(rf"step (\d+)/{steps} loss", text)]
+
+
+def digests(text: str) -> dict[int, str]:
+    return {int(r): d for r, d in re.findall(r"rank (\d+) final weights sha256 (\w+)", text)}
+
+
+def run_ids(text: str) -> set[str]:
+    return set(re.findall(r"MLflow run\s+([0-9a-f]{32})", text)) | set(re.findall(r"continuing MLflow run ([0-9a-f]{32})", text))
+
+
+def metric_steps(c: Cluster, run_id: str, key: str = "train/loss") -> list[int]:
+    return sorted(m.step for m in MlflowClient(mlflow_store(c)).get_metric_history(run_id, key))
+
+
+# ------------------------------------------------------------------------------------------ torchrun
+def torchrun_node(c: Cluster, node: str, rank: int, master: str, rdzv: str, log: Path, *sets: str,
+                  restarts: int = 0) -> subprocess.Popen:
+    env = c.env(node, NNODES="2", NODE_RANK=str(rank), MASTER_ADDR=master, MASTER_PORT="29400", RUN_ID=rdzv,
+                NPROC="1", MAX_RESTARTS=str(restarts), CONFIG="jobs/configs/smoke.yaml",
+                TORCHRUN=str(BIN / "torchrun"), PYTHON=str(BIN / "python"), MLFLOW_TRACKING_URI=c.mlflow_uri)
+    return c.popen(node, ["bash", REPO / "jobs" / "torchrun_multi.sh", *TINY, *sets], log=log, env=env, cwd=REPO)
+
+
+@pytest.fixture(scope="module")
+def torchrun_node_lost(cluster):
+    """torchrun on node0 + node1; node1 is powered off (agent and rank SIGKILLed) after a checkpoint,
+    then started again: the group re-forms under --max-restarts and resumes."""
+    c, steps, name = cluster, 30, "tr2"
+    run_dir = c.nfs / "ckpt" / name
+    logs = [c.root / "tr-node0.log", c.root / "tr-node1.log", c.root / "tr-node1-again.log"]
+    sets = (f"train.steps={steps}", f"train.run_name={name}")
+    p0 = torchrun_node(c, "node0", 0, "node0", name, logs[0], *sets, restarts=2)
+    p1 = torchrun_node(c, "node1", 1, "node0", name, logs[1], *sets, restarts=2)
+
+    def past_checkpoint():
+        ckpt = latest_step(run_dir)
+        logged = logged_steps(logs[0].read_text() + logs[1].read_text(), steps)
+        return (ckpt, max(logged)) if ckpt >= 5 and logged and max(logged) > ckpt else None
+
+    ckpt_at, logged_at = wait_for(past_checkpoint, "a checkpoint and a later step", [p0, p1], logs)
+    agents = c.find("node1", "bin/torchrun")
+    assert agents, "node1's torchrun agent"
+    c.kill_node("node1")  # the agent and its rank: a machine gone
+    p1.wait(timeout=30)
+    wait_for(lambda: "failed (exitcode" in logs[0].read_text(), "node0's agent to see its rank fail", [p0], logs)
+    newest = latest_step(run_dir)
+    # The machine comes back as a rebooted one would: after the rendezvous has written the old
+    # agent off (no heartbeat for keep_alive_interval x keep_alive_max_attempt = 15 s).
+    time.sleep(20)
+    p1b = torchrun_node(c, "node1", 1, "node0", name, logs[2], *sets, restarts=2)
+    finish([p0, p1b], logs, timeout=300)
+    return {"c": c, "logs": logs, "steps": steps, "run_dir": run_dir, "ckpt_at": ckpt_at, "logged_at": logged_at,
+            "newest": newest}
+
+
+def test_torchrun_group_reforms_after_losing_a_node_and_resumes_to_the_configured_step(torchrun_node_lost):
+    r = torchrun_node_lost
+    text = "".join(p.read_text() for p in r["logs"])
+    assert 5 <= r["ckpt_at"] <= r["newest"] < r["steps"] and r["logged_at"] > r["ckpt_at"], "killed mid-run"
+    resumed = [int(s) for s in re.findall(r"resumed from \S*checkpoint_step-\d+ at step (\d+)", text)]
+    assert r["newest"] in resumed, tail(r["logs"])
+    meta = checkpoint.read_meta(checkpoint.find_latest(r["run_dir"]))
+    assert meta["step"] == r["steps"] and meta["world_size"] == 2
+
+
+def test_torchrun_ranks_on_two_nodes_end_with_the_same_weights(torchrun_node_lost):
+    r = torchrun_node_lost
+    after = r["logs"][0].read_text() + r["logs"][2].read_text()  # the re-formed group
+    d = digests(after)
+    assert set(d) == {0, 1} and d[0] == d[1], tail(r["logs"])
+
+
+def test_torchrun_across_nodes_logs_one_mlflow_run_once_per_step(torchrun_node_lost):
+    r = torchrun_node_lost
+    ids = run_ids("".join(p.read_text() for p in r["logs"]))
+    assert len(ids) == 1, ids
+    run_id = ids.pop()
+    assert checkpoint.read_meta(checkpoint.find_latest(r["run_dir"]))["mlflow_run_id"] == run_id
+    assert metric_steps(r["c"], run_id) == list(range(1, r["steps"] + 1)), "each step logged exactly once"
+    assert MlflowClient(mlflow_store(r["c"])).get_run(run_id).info.status == "FINISHED"
+
+
+def test_evaluation_on_two_nodes_gives_the_confusion_matrix_of_one_process(torchrun_node_lost):
+    c, model = torchrun_node_lost["c"], "/mnt/shared/ckpt/tr2"
+    args = ["-m", "unet_dist.evaluate", "--model", model, "--shards", "/mnt/shared/shards", "--json",
+            "--batch-size", "3"]
+    one = c.run("node0", [BIN / "python", *args], cwd=REPO)
+    logs = [c.root / f"eval-{n}.log" for n in ("node0", "node1")]
+    procs = [c.popen(node, [BIN / "torchrun", "--nnodes=2", f"--node-rank={i}", "--nproc-per-node=1",
+                            "--rdzv-backend=c10d", "--rdzv-endpoint=node0:29401", "--rdzv-id=eval",
+                            f"--rdzv-conf=is_host={'true' if i == 0 else 'false'}", *args],
+                     log=logs[i], cwd=REPO) for i, node in enumerate(("node0", "node1"))]
+    finish(procs, logs, timeout=180)
+    last = lambda text: json.loads([line for line in text.splitlines() if line.startswith("{")][-1])
+    single, two = last(one.stdout), last("".join(p.read_text() for p in logs))
+    assert two["confusion"] == single["confusion"] and sum(map(sum, single["confusion"])) > 0
+    assert two["miou"] == single["miou"]
+
+
+# ------------------------------------------------------------------------- host name resolves elsewhere
+def test_nodes_whose_host_name_resolves_to_loopback_still_train(cluster):
+    """Both machines are called "twin" and resolve it to 127.0.1.1: the rendezvous is hosted by
+    NODE_RANK 0 (not guessed from the name) and gloo binds the interface routing to MASTER_ADDR."""
+    c = cluster
+    assert c.run("twin1", ["getent", "hosts", "twin"]).stdout.split()[0] == "127.0.1.1"
+    logs = [c.root / f"twin{i}.log" for i in range(2)]
+    master = c.ip("twin0")
+    sets = ("train.steps=6", "train.run_name=twins")
+    procs = [torchrun_node(c, f"twin{i}", i, master, "twins", logs[i], *sets) for i in range(2)]
+    finish(procs, logs, timeout=240)
+    text = "".join(p.read_text() for p in logs)
+    assert len(re.findall(r"network interface eth0 \(198\.18\.0\.\d+, route to MASTER_ADDR", text)) == 2, tail(logs)
+    d = digests(text)
+    assert set(d) == {0, 1} and d[0] == d[1]
+
+
+# ------------------------------------------------------------------------------------------ Ray
+RAY_PORT, DASHBOARD_PORT = 6379, 8265
+
+
+def ray_start(c: Cluster, node: str) -> None:
+    """`ray start` on a node: the head on node0 (GCS, dashboard/job server on its own address)."""
+    ip = c.ip(node)
+    args = ["ray", "start", "--node-ip-address", ip, "--num-cpus", "1", "--object-store-memory", str(100 << 20),
+            "--disable-usage-stats"]
+    if node == "node0":
+        args += ["--head", "--port", str(RAY_PORT), "--dashboard-host", ip, "--dashboard-port", str(DASHBOARD_PORT)]
+    else:
+        args += ["--address", f"{c.ip('node0')}:{RAY_PORT}"]
+    # Notice a dead node in ~3 s rather than ~15 s (the head's health checks of the raylets).
+    c.run(node, args, timeout=180, env=c.env(node, RAY_health_check_period_ms="1000",
+                                             RAY_health_check_failure_threshold="3"))
+
+
+def alive_nodes(c: Cluster) -> list[str]:
+    code = ("import ray; ray.init(address='auto', logging_level='ERROR'); "
+            "print(' '.join(sorted(n['NodeManagerAddress'] for n in ray.nodes() if n['Alive'])))")
+    return c.run("node0", [BIN / "python", "-c", code], env=c.env("node0", RAY_ADDRESS=f"{c.ip('node0')}:{RAY_PORT}"),
+                 timeout=120).stdout.split()
+
+
+def submit(c: Cluster, log: Path, *sets: str, tracking: bool = True) -> subprocess.Popen:
+    env = c.env("node0", RAY_ADDRESS=f"http://{c.ip('node0')}:{DASHBOARD_PORT}", CONFIG="jobs/configs/smoke.yaml",
+                PYTHON=str(BIN / "python"), **({"MLFLOW_TRACKING_URI": c.mlflow_uri} if tracking else {}))
+    return c.popen("node0", ["bash", REPO / "jobs" / "submit_ray.sh", *TINY, "train.workers=2",
+                             "train.cpus_per_worker=1", *sets], log=log, env=env, cwd=REPO)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(cluster):
+    """Ray head on node0 and a worker node on node1 (1 CPU each, so 2 workers must spread)."""
+    c = cluster
+    ray_start(c, "node0")
+    ray_start(c, "node1")
+    deadline = time.monotonic() + 60
+    while len(alive_nodes(c)) < 2 and time.monotonic() < deadline:
+        time.sleep(1)
+    yield c
+    for node in ("node1", "node0"):
+        c.kill_node(node)  # never `ray stop`: it kills every Ray process on the host
+
+
+def test_ray_cluster_has_two_alive_nodes_with_their_own_addresses(ray_cluster):
+    assert alive_nodes(ray_cluster) == [ray_cluster.ip("node0"), ray_cluster.ip("node1")]
+
+
+@pytest.fixture(scope="module")
+def ray_node_lost(ray_cluster):
+    """2 workers on 2 nodes; node1's raylet is SIGKILLed after a checkpoint, node1 restarts; the run
+    resumes through FailureConfig."""
+    c, steps, name = ray_cluster, 30, "ray2"
+    run_dir, log = c.nfs / "ckpt" / name, c.root / "ray-submit.log"
+    proc = submit(c, log, f"train.steps={steps}", f"train.run_name={name}", "train.max_failures=3")
+
+    def past_checkpoint():
+        ckpt, logged = latest_step(run_dir), logged_steps(log.read_text(), steps)
+        return (ckpt, max(logged)) if ckpt >= 5 and logged and max(logged) > ckpt else None
+
+    ckpt_at, logged_at = wait_for(past_checkpoint, "a checkpoint and a later step", [proc], [log], timeout=300)
+    raylets = c.find("node1", "raylet")
+    assert raylets, "node1's raylet"
+    for pid in raylets:
+        os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: "[FailurePolicy] RETRY" in log.read_text(), "Ray Train to retry", [proc], [log], timeout=120)
+    newest = latest_step(run_dir)
+    c.kill_node("node1")  # what the raylet left behind (agents, workers): the machine reboots
+    ray_start(c, "node1")
+    finish([proc], [log], timeout=300)
+    return {"c": c, "text": log.read_text(), "steps": steps, "run_dir": run_dir, "ckpt_at": ckpt_at,
+            "logged_at": logged_at, "newest": newest}
+
+
+def test_submitted_job_places_its_two_workers_on_different_nodes(ray_node_lost):
+    r = ray_node_lost
+    groups = re.findall(r"- \(ip=([\d.]+), pid=\d+\) world_rank=(\d)", r["text"])
+    first = dict((rank, ip) for ip, rank in groups[:2])
+    assert set(first.values()) == {r["c"].ip("node0"), r["c"].ip("node1")}, r["text"][-3000:]
+
+
+def test_ray_run_resumes_after_a_node_returns_and_ends_at_the_configured_step(ray_node_lost):
+    r = ray_node_lost
+    assert 5 <= r["ckpt_at"] <= r["newest"] < r["steps"] and r["logged_at"] > r["ckpt_at"], "killed mid-run"
+    resumed = [int(s) for s in re.findall(r"resumed from \S*checkpoint_step-\d+ at step (\d+)", r["text"])]
+    assert resumed and resumed[-1] >= r["newest"], r["text"][-4000:]
+    assert latest_step(r["run_dir"]) == r["steps"]
+    assert re.search(rf"status\s+finished\s+steps\s+{r['steps']}\b", r["text"]), r["text"][-3000:]
+
+
+def test_ray_run_across_nodes_logs_one_mlflow_run_once_per_step(ray_node_lost):
+    r = ray_node_lost
+    ids = run_ids(r["text"])
+    assert len(ids) == 1, ids
+    run_id = ids.pop()
+    assert metric_steps(r["c"], run_id) == list(range(1, r["steps"] + 1)), "each step logged exactly once"
+    assert MlflowClient(mlflow_store(r["c"])).get_run(run_id).info.status == "FINISHED"
+
+
+@pytest.mark.parametrize("mistake, key", [
+    ((), "mlflow.tracking_uri"),  # the job gets no MLFLOW_TRACKING_URI: a sqlite file on the driver's node
+    (("train.checkpoint_dir=/scratch/ckpt",), "train.checkpoint_dir"),  # each node's own disk
+])
+def test_multinode_mistakes_end_the_job_with_one_line_before_workers_start(ray_cluster, mistake, key):
+    c = ray_cluster
+    log = c.root / f"ray-mistake-{key}.log"
+    proc = submit(c, log, "train.steps=4", f"train.run_name=mistake-{key}", *mistake,
+                  tracking=key != "mlflow.tracking_uri")
+    proc.wait(timeout=240)
+    text = log.read_text()
+    assert proc.returncode != 0
+    errors = [line for line in text.splitlines() if line.startswith("error: ")]
+    assert errors and errors[0].startswith(f"error: {key}: "), text[-3000:]
+    assert "world_rank=" not in text, "no training worker started"
+
+
+# ------------------------------------------------------------------------------------------ S3
+def test_s3_server_in_the_services_namespace_is_one_store_for_every_node(cluster):
+    """Nodes that share no folder share objects: written from node1, read back on node0."""
+    c = cluster
+    env = s3_env(start_s3(c))
+    put = ("import boto3; s3 = boto3.client('s3'); s3.create_bucket(Bucket='shared'); "
+           "s3.put_object(Bucket='shared', Key='probe', Body=b'from node1')")
+    c.run("node1", [BIN / "python", "-c", put], env=c.env("node1", **env))
+    get = "import boto3; print(boto3.client('s3').get_object(Bucket='shared', Key='probe')['Body'].read().decode())"
+    assert c.run("node0", [BIN / "python", "-c", get], env=c.env("node0", **env)).stdout.strip() == "from node1"
