@@ -25,6 +25,7 @@ from unet_dist.train import checkpoint, preemption
 
 pytestmark = pytest.mark.slow
 STEPS = 16
+SIGNALLED_LINE = r"SIGTERM during step (\d+): checkpoint at the next step"  # the signalled process's own line
 EXACT = ["train.loader_workers=1", "train.checkpoint_every=5"]  # a worker process feeds each rank
 
 
@@ -43,7 +44,7 @@ def digests(text: str) -> set[str]:
 
 def signalled_during(text: str) -> int:
     """The earliest step a signalled process was computing when its SIGTERM came (its own line)."""
-    return min(int(s) for s in re.findall(r"SIGTERM during step (\d+): checkpoint at the next step", text))
+    return min(int(s) for s in re.findall(SIGNALLED_LINE, text))
 
 
 def child_pid(parent: int, needle: str) -> int | None:
@@ -97,7 +98,7 @@ def assert_preempted_then_resumed_exactly(r: dict, reference: str) -> None:
     step = r["meta"]["step"]
     assert r["rc"] == preemption.EXIT_CODE, r["first"][-4000:]
     assert r["signalled_at"] <= step, "the signal came after the logged step"
-    if "SIGTERM during step" in r["first"]:  # the signalled process's own line (not the Ray driver's)
+    if re.search(SIGNALLED_LINE, r["first"]):  # not when only the Ray driver was signalled
         during = signalled_during(r["first"])
         assert during <= step <= during + 1, (during, step)
     assert r["meta"]["status"] == "preempted" and step % 5, "a checkpoint of its own, between periodic ones"
@@ -139,7 +140,8 @@ def test_sigterm_to_one_ray_worker_checkpoints_every_rank_and_resumes_exactly(tm
 def test_sigterm_to_the_ray_driver_makes_the_workers_checkpoint(tmp_path, small_shards, uninterrupted):
     cmd = ray_cmd(tmp_path, small_shards, "dp", STEPS, *EXACT, "train.max_failures=0")
     r = preempt_and_resume(tmp_path, cmd, env_for(tmp_path), lambda proc, log: proc.pid, "dp")
-    assert "driver preempted (SIGTERM" in r["first"] and "SIGTERM during step" not in r["first"]
+    assert "driver preempted (SIGTERM" in r["first"]
+    assert not re.search(SIGNALLED_LINE, r["first"]), "no worker was signalled itself"
     assert_preempted_then_resumed_exactly(r, uninterrupted)
 
 
