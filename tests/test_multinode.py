@@ -1,6 +1,7 @@
 """Multi-node, for real: two "machines" made of Linux namespaces (tests/cluster), each with its own
-address, /tmp, Ray temp dir, host name and /etc/hosts, an MLflow server in a services namespace, and
-shards + checkpoints on one host folder bound at /mnt/shared in every node (the NFS case).
+address, /tmp, Ray temp dir, host name and /etc/hosts, and a services namespace with an MLflow server
+and an S3 server. The Ray job keeps shards and checkpoints in S3 only; the torchrun jobs use one host
+folder bound at /mnt/shared in every node (the NFS case).
 
 Both launchers train across the two nodes through the user-facing scripts (jobs/submit_ray.sh,
 jobs/torchrun_multi.sh), survive losing node 1 mid-run, and end with one MLflow run that logged each
@@ -36,7 +37,7 @@ TWINS = {"twin0": "twin", "twin1": "twin"}  # two machines with one host name, r
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """node0, node1 (plain machines), twin0, twin1 (host name resolves elsewhere), services (MLflow)."""
+    """node0, node1 (plain machines), twin0, twin1 (host name resolves elsewhere), services (MLflow, S3)."""
     require_namespaces()
     root = tmp_path_factory.mktemp("cluster")
     nfs = root / "nfs"
@@ -46,6 +47,7 @@ def cluster(tmp_path_factory):
                 hostnames=TWINS, hosts={n: "127.0.1.1 twin" for n in TWINS})
     try:
         c.mlflow_uri = start_mlflow(c)
+        c.s3 = s3_env(start_s3(c))
         c.nfs = nfs
         yield c
     finally:
@@ -215,8 +217,9 @@ def ray_start(c: Cluster, node: str) -> None:
     else:
         args += ["--address", f"{c.ip('node0')}:{RAY_PORT}"]
     # Notice a dead node in ~3 s rather than ~15 s (the head's health checks of the raylets).
+    # Workers inherit the raylet's environment: the S3 endpoint and credentials, as on a real node.
     c.run(node, args, timeout=180, env=c.env(node, RAY_health_check_period_ms="1000",
-                                             RAY_health_check_failure_threshold="3"))
+                                             RAY_health_check_failure_threshold="3", **c.s3))
 
 
 def alive_nodes(c: Cluster) -> list[str]:
@@ -226,17 +229,39 @@ def alive_nodes(c: Cluster) -> list[str]:
                  timeout=120).stdout.split()
 
 
+S3_SHARDS, S3_CKPT = "s3://cluster/shards", "s3://cluster/ckpt"
+
+
 def submit(c: Cluster, log: Path, *sets: str, tracking: bool = True) -> subprocess.Popen:
+    """jobs/submit_ray.sh from node0, shards and checkpoints in the services node's S3."""
     env = c.env("node0", RAY_ADDRESS=f"http://{c.ip('node0')}:{DASHBOARD_PORT}", CONFIG="jobs/configs/smoke.yaml",
-                PYTHON=str(BIN / "python"), **({"MLFLOW_TRACKING_URI": c.mlflow_uri} if tracking else {}))
+                PYTHON=str(BIN / "python"), **c.s3, **({"MLFLOW_TRACKING_URI": c.mlflow_uri} if tracking else {}))
     return c.popen("node0", ["bash", REPO / "jobs" / "submit_ray.sh", *TINY, "train.workers=2",
-                             "train.cpus_per_worker=1", *sets], log=log, env=env, cwd=REPO)
+                             "train.cpus_per_worker=1", f"shards.dir={S3_SHARDS}",
+                             f"train.checkpoint_dir={S3_CKPT}", *sets], log=log, env=env, cwd=REPO)
+
+
+def s3_latest_step(c: Cluster, run_dir: str) -> int:
+    """The newest complete checkpoint's step in S3, as node1 sees it."""
+    code = ("import sys; from unet_dist.train import checkpoint as k; l = k.find_latest(sys.argv[1]); "
+            "print(k.read_meta(l)['step'] if l else 0)")
+    return int(c.run("node1", [BIN / "python", "-c", code, run_dir], env=c.env("node1", **c.s3), cwd=REPO).stdout)
+
+
+def published_steps(text: str) -> list[int]:
+    """Checkpoints Ray Train reports as created (each is in storage once the line is printed)."""
+    return [int(s) for s in re.findall(r"Checkpoint successfully created at: .*checkpoint_step-(\d+)", text)]
 
 
 @pytest.fixture(scope="module")
 def ray_cluster(cluster):
-    """Ray head on node0 and a worker node on node1 (1 CPU each, so 2 workers must spread)."""
+    """Ray head on node0 and a worker node on node1 (1 CPU each, so 2 workers must spread); the
+    shards uploaded to S3 from node0 (no node reads /mnt/shared in the Ray tests)."""
     c = cluster
+    upload = ("import sys, boto3; from unet_dist import storage; boto3.client('s3').create_bucket(Bucket='cluster'); "
+              "storage.upload_tree(sys.argv[1], sys.argv[2])")
+    c.run("node0", [BIN / "python", "-c", upload, "/mnt/shared/shards", S3_SHARDS], env=c.env("node0", **c.s3),
+          cwd=REPO)
     ray_start(c, "node0")
     ray_start(c, "node1")
     deadline = time.monotonic() + 60
@@ -256,12 +281,13 @@ def ray_node_lost(ray_cluster):
     """2 workers on 2 nodes; node1's raylet is SIGKILLed after a checkpoint, node1 restarts; the run
     resumes through FailureConfig."""
     c, steps, name = ray_cluster, 30, "ray2"
-    run_dir, log = c.nfs / "ckpt" / name, c.root / "ray-submit.log"
+    run_dir, log = f"{S3_CKPT}/{name}", c.root / "ray-submit.log"
     proc = submit(c, log, f"train.steps={steps}", f"train.run_name={name}", "train.max_failures=3")
 
     def past_checkpoint():
-        ckpt, logged = latest_step(run_dir), logged_steps(log.read_text(), steps)
-        return (ckpt, max(logged)) if ckpt >= 5 and logged and max(logged) > ckpt else None
+        text = log.read_text()
+        ckpts, logged = published_steps(text), logged_steps(text, steps)
+        return (max(ckpts), max(logged)) if ckpts and logged and max(logged) > max(ckpts) else None
 
     ckpt_at, logged_at = wait_for(past_checkpoint, "a checkpoint and a later step", [proc], [log], timeout=300)
     raylets = c.find("node1", "raylet")
@@ -269,7 +295,7 @@ def ray_node_lost(ray_cluster):
     for pid in raylets:
         os.kill(pid, signal.SIGKILL)
     wait_for(lambda: "[FailurePolicy] RETRY" in log.read_text(), "Ray Train to retry", [proc], [log], timeout=120)
-    newest = latest_step(run_dir)
+    newest = s3_latest_step(c, run_dir)
     c.kill_node("node1")  # what the raylet left behind (agents, workers): the machine reboots
     ray_start(c, "node1")
     finish([proc], [log], timeout=300)
@@ -289,7 +315,7 @@ def test_ray_run_resumes_after_a_node_returns_and_ends_at_the_configured_step(ra
     assert 5 <= r["ckpt_at"] <= r["newest"] < r["steps"] and r["logged_at"] > r["ckpt_at"], "killed mid-run"
     resumed = [int(s) for s in re.findall(r"resumed from \S*checkpoint_step-\d+ at step (\d+)", r["text"])]
     assert resumed and resumed[-1] >= r["newest"], r["text"][-4000:]
-    assert latest_step(r["run_dir"]) == r["steps"]
+    assert s3_latest_step(r["c"], r["run_dir"]) == r["steps"]
     assert re.search(rf"status\s+finished\s+steps\s+{r['steps']}\b", r["text"]), r["text"][-3000:]
 
 
@@ -323,7 +349,7 @@ def test_multinode_mistakes_end_the_job_with_one_line_before_workers_start(ray_c
 def test_s3_server_in_the_services_namespace_is_one_store_for_every_node(cluster):
     """Nodes that share no folder share objects: written from node1, read back on node0."""
     c = cluster
-    env = s3_env(start_s3(c))
+    env = c.s3
     put = ("import boto3; s3 = boto3.client('s3'); s3.create_bucket(Bucket='shared'); "
            "s3.put_object(Bucket='shared', Key='probe', Body=b'from node1')")
     c.run("node1", [BIN / "python", "-c", put], env=c.env("node1", **env))

@@ -51,7 +51,9 @@ def main(argv: list[str] | None = None) -> None:
         print("\n".join(["training summary"] + ["  " + line for line in summary_lines(summary, wall)]))
         if args.summary_json:
             with open(args.summary_json, "w") as f:
-                json.dump({**summary, "wall_s": round(wall, 1)}, f, indent=2, default=str)
+                # loop_s: the training loop alone (steps, evaluations, checkpoints); wall_s: the command
+                json.dump({**summary, "loop_s": summary.get("loop_s", summary.get("wall_s")), "wall_s": round(wall, 1)},
+                          f, indent=2, default=str)
         if summary.get("status") == preemption.STATUS:
             print(f"preempted: resume with the same command (exit code {preemption.EXIT_CODE})", file=sys.stderr)
             sys.exit(preemption.EXIT_CODE)

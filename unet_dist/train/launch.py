@@ -291,7 +291,7 @@ def fit_ray(cfg: Config, trainer, run_id: str, resumed: str | None) -> dict:
     return {"status": metrics.get("status", "finished"), "steps": metrics.get("step"),
             "best_miou": metrics.get("best_miou"), "val_miou": metrics.get("val_miou"),
             "world_size": t.workers, "resumed_from": resumed, "mlflow_run_id": run_id,
-            "model_uri": returned.get("model_uri"), "checkpoint": str(latest) if latest else None}
+            "model_uri": returned.get("model_uri"), "loop_s": returned.get("wall_s"), "checkpoint": str(latest) if latest else None}
 
 
 def run_ray(cfg: Config) -> dict:
