@@ -28,7 +28,8 @@ TARGET = 0.75
 GOAL_S = 150.0
 # The embedded defaults before issue 16 changed them (unet_dist/config.py at that time).
 BEFORE = ["model.width=16", "train.steps=1000", "train.lr=0.003", "train.warmup_steps=30",
-          "train.channels_last=false", "train.eval_every=250", "train.checkpoint_every=250"]
+          "train.channels_last=false", "train.class_weights=false", "train.eval_every=250",
+          "train.checkpoint_every=250"]
 
 
 def demo_shards(cache: Path) -> Path:
