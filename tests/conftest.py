@@ -121,11 +121,42 @@ def ray_head(tmp_path_factory, s3_server):
     tmp = tmp_path_factory.mktemp("ray")
     port, dash = free_port(), free_port()
     env = clean_env(**s3_server.env)
-    run([str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
-         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "2",
-         "--disable-usage-stats"], cwd=tmp, env=env, timeout=180)
-    yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}"}
-    run([str(BIN / "ray"), "stop", "--force"], cwd=tmp, env=env, timeout=120, check=False)
+    with ray_temp_dir() as temp:
+        run([str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "2",
+             "--disable-usage-stats", f"--temp-dir={temp}"], cwd=tmp, env=env, timeout=180)
+        yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}"}
+
+
+@contextlib.contextmanager
+def ray_temp_dir():
+    """A Ray temp dir of this head's own; on exit every process of that head is killed. Not
+    `ray stop --force`: it would kill every Ray process on the machine, other tests' included."""
+    import shutil
+    import tempfile
+
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit AF_UNIX
+    try:
+        yield temp
+    finally:
+        stop_ray_processes(temp)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def stop_ray_processes(temp: str) -> None:
+    """SIGKILL the processes of the Ray head whose temp dir is ``temp``: GCS, raylet, dashboard,
+    log monitor and agents name it on their command line; its workers end with their raylet."""
+    import psutil
+
+    mine = []
+    for p in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if any(temp in arg for arg in p.info["cmdline"] or []):
+                mine.append(p)
+    for p in mine:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(mine, timeout=30)
 
 
 class S3Server:

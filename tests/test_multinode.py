@@ -328,15 +328,25 @@ def test_ray_run_across_nodes_logs_one_mlflow_run_once_per_step(ray_node_lost):
     assert MlflowClient(mlflow_store(r["c"])).get_run(run_id).info.status == "FINISHED"
 
 
-@pytest.mark.parametrize("mistake, key", [
-    ((), "mlflow.tracking_uri"),  # the job gets no MLFLOW_TRACKING_URI: a sqlite file on the driver's node
-    (("train.checkpoint_dir=/scratch/ckpt",), "train.checkpoint_dir"),  # each node's own disk
-])
-def test_multinode_mistakes_end_the_job_with_one_line_before_workers_start(ray_cluster, mistake, key):
+def plain_submit(c: Cluster, log: Path, *sets: str) -> subprocess.Popen:
+    """The README's plain ``ray job submit --working-dir .``: no runtime env, so no MLFLOW_TRACKING_URI."""
+    args = [a for kv in [*TINY, "train.workers=2", f"shards.dir={S3_SHARDS}", f"train.checkpoint_dir={S3_CKPT}", *sets]
+            for a in ("--set", kv)]
+    cmd = [BIN / "ray", "job", "submit", "--address", f"http://{c.ip('node0')}:{DASHBOARD_PORT}", "--working-dir",
+           REPO, "--", "python", "-m", "unet_dist.train", "--config", "jobs/configs/smoke.yaml", *args]
+    return c.popen("node0", cmd, log=log, env=c.env("node0", **c.s3), cwd=REPO)
+
+
+@pytest.mark.parametrize("key", ["mlflow.tracking_uri", "train.checkpoint_dir"])
+def test_multinode_mistakes_end_the_job_with_one_line_before_workers_start(ray_cluster, key):
+    """No tracking URI: the run would go to a sqlite file on the driver's node; a checkpoint folder
+    on each node's own disk: each node would resume its own checkpoints."""
     c = ray_cluster
     log = c.root / f"ray-mistake-{key}.log"
-    proc = submit(c, log, "train.steps=4", f"train.run_name=mistake-{key}", *mistake,
-                  tracking=key != "mlflow.tracking_uri")
+    if key == "mlflow.tracking_uri":
+        proc = plain_submit(c, log, "train.steps=4", "train.run_name=mistake-tracking")
+    else:
+        proc = submit(c, log, "train.steps=4", "train.run_name=mistake-ckpt", "train.checkpoint_dir=/scratch/ckpt")
     proc.wait(timeout=240)
     text = log.read_text()
     assert proc.returncode != 0

@@ -54,3 +54,20 @@ def test_collective_interface_follows_the_route_and_respects_the_users_choice(mo
     monkeypatch.delenv("NCCL_SOCKET_IFNAME")
     assert distributed.pin_interface("127.0.0.1", towards=True, why="test") == "eth9"
     assert "NCCL_SOCKET_IFNAME" not in os.environ
+
+
+def test_an_mlflow_server_no_node_can_reach_is_one_line_naming_the_key(monkeypatch):
+    """The runtime env's default (the Kubernetes Service name) outside that cluster: one line after a
+    short retry, not minutes of HTTP retries ending in a traceback."""
+    import socket
+
+    from unet_dist import tracking
+
+    monkeypatch.setattr(tracking, "REACH_S", 1.0)
+    with pytest.raises(UnetDistError, match=r"^mlflow\.tracking_uri: http://mlflow\.invalid:5000: cannot resolve"):
+        tracking.check_access("http://mlflow.invalid:5000")
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(UnetDistError, match=rf"^mlflow\.tracking_uri: http://127\.0\.0\.1:{port}: no answer on port {port}"):
+        tracking.check_access(f"http://127.0.0.1:{port}")

@@ -173,9 +173,13 @@ def test_second_sigterm_during_the_checkpoint_write_leaves_no_half_checkpoint(tm
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     text = log.read_text()
-    assert "published" not in text.split("preempted (")[-1], "the write was cut short"
     assert proc.returncode not in (0, preemption.EXIT_CODE), text[-3000:]
     visible = sorted(p.name for p in run_dir.iterdir() if not p.name.startswith("."))
-    assert visible == ["checkpoint_step-00000005"], "nothing half-written under a checkpoint name"
-    state = checkpoint.load_state(checkpoint.find_latest(run_dir))  # loads: complete
-    assert state["step"] == 5 and isinstance(state["optimizer"]["state"], dict)
+    if "published" not in text.split("preempted (")[-1]:  # the usual case: the write was cut short
+        assert visible == ["checkpoint_step-00000005"], "nothing half-written under a checkpoint name"
+    else:  # on a loaded machine the write can win the race; then it must be whole
+        assert visible[0] == "checkpoint_step-00000005" and len(visible) == 2, visible
+    for name in visible:  # whatever is visible loads: complete
+        state = checkpoint.load_state(run_dir / name)
+        assert isinstance(state["optimizer"]["state"], dict)
+    assert checkpoint.read_meta(checkpoint.find_latest(run_dir))["step"] == int(visible[-1].rsplit("-", 1)[1])

@@ -111,6 +111,29 @@ def test_killed_preprocess_to_s3_resumes_and_ends_with_identical_objects(data, s
     assert without_dir(final["manifest.json"]) == without_dir(reference["manifest.json"])
 
 
+def test_training_stream_from_s3_yields_the_batches_of_the_local_shards(data, s3_env):
+    """Ranged GETs (one per sample) give the bytes a seek in the local tar gives."""
+    import torch
+
+    from unet_dist.data import shards
+    from unet_dist.data.loader import Augment
+    from unet_dist.data.stream import index_shards, train_stream
+
+    aug = Augment(crop=(16, 24), scale=(0.75, 1.25), flip=True)
+
+    def first_batches(where: str) -> list:
+        urls = shards.shard_paths(where, shards.load_manifest(where), "train")
+        it = iter(train_stream(urls, aug, 3, rank=1, world=2, seed=3, start=2, workers=0, pin_memory=False))
+        return [next(it) for _ in range(3)]
+
+    local = str(data["local"])
+    assert [k for _, k, _ in index_shards(shards.shard_paths(data["url"], shards.load_manifest(data["url"]), "train"))] \
+        == [k for _, k, _ in index_shards(shards.shard_paths(local, shards.load_manifest(local), "train"))]
+    for (photos, labels, plans), (photos2, labels2, plans2) in zip(first_batches(data["url"]), first_batches(local)):
+        assert torch.equal(plans, plans2)
+        assert all(torch.equal(a, b) for a, b in zip(photos + labels, photos2 + labels2))
+
+
 def test_mangled_s3_url_is_refused_and_writes_no_local_folder(data, tmp_path):
     proc = run(preprocess_cmd(data["raw"], "s3:/bucket/shards"), cwd=tmp_path, env=data["env"], check=False)
     assert_only_error(proc, "s3:/bucket/shards", "s3://BUCKET/PREFIX")

@@ -83,6 +83,19 @@ def test_sigterm_sets_the_flag_and_a_second_one_would_stop_the_process():
         preemption.reset()
 
 
+def test_sigterm_after_the_last_step_takes_its_default_action_without_a_checkpoint_message():
+    """Ray ends its workers with SIGTERM after training: nothing to save, no misleading line."""
+    import subprocess
+    import sys
+
+    code = ("import os, signal; from unet_dist.train import preemption as p; p.install(); p.steps_done(); "
+            "os.kill(os.getpid(), signal.SIGTERM); print('still alive')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == -signal.SIGTERM and "still alive" not in proc.stdout
+    assert "checkpoint at the next step" not in proc.stderr
+
+
 def test_a_registered_source_requests_a_preemption():
     preemption.reset()
     try:

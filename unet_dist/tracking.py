@@ -48,6 +48,7 @@ def check_access(uri: str) -> None:
     """
     if not uri.startswith(("http://", "https://")):
         return
+    _check_reachable(uri, REACH_S)
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
@@ -66,6 +67,32 @@ def check_access(uri: str) -> None:
             raise UnetDistError(f"MLFLOW_TRACKING_USERNAME: user '{user}' may not read experiments on the "
                                 f"MLflow server at {uri}") from None
         raise
+
+
+REACH_S = 30.0  # how long a server that does not answer (yet: DNS and Services at pod start) is retried
+
+
+def _check_reachable(uri: str, budget_s: float) -> None:
+    """One line, within ``budget_s``, for a server that cannot be resolved or connected to; MLflow's
+    own client would retry for minutes and end in a traceback."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    deadline, pause = time.monotonic() + budget_s, 0.5
+    while True:
+        try:
+            socket.create_connection((parts.hostname, port), timeout=5).close()
+            return
+        except OSError as e:
+            if time.monotonic() + pause > deadline:
+                why = "cannot resolve its host name" if isinstance(e, socket.gaierror) else f"no answer on port {port} ({e.strerror or e})"
+                raise UnetDistError(
+                    f"mlflow.tracking_uri: {uri}: {why} (tried for {budget_s:.0f} s); expected an MLflow server "
+                    "this machine reaches (set mlflow.tracking_uri or MLFLOW_TRACKING_URI)") from None
+            time.sleep(pause)
+            pause = min(pause * 2, 5.0)
 
 
 def _artifact_location(uri: str) -> str | None:

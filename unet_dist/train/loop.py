@@ -311,6 +311,7 @@ def run_steps(run: Run) -> None:
         if step < t.steps and preemption.agreed(ctx.world_size, run.preempt_group):
             _checkpoint_preempted(run, step)
             break
+    preemption.steps_done()
     run.wall_s = time.perf_counter() - t0
 
 

@@ -27,6 +27,7 @@ EXIT_CODE = 75
 POLL_S = 0.5
 
 _requested = threading.Event()
+_done = threading.Event()
 _reason: list[str] = []
 _requested_at: list[float] = []
 _step: list[int | None] = [None]  # the step this process computes (set by the loop; None: a driver)
@@ -38,6 +39,12 @@ _last_poll = 0.0
 def at_step(step: int) -> None:
     """The loop starts computing ``step``."""
     _step[0] = step
+
+
+def steps_done() -> None:
+    """The loop has no step left: a SIGTERM from now on (Ray ending its workers, a late eviction)
+    has no checkpoint to wait for and takes its default action."""
+    _done.set()
 
 
 def request(reason: str) -> None:
@@ -63,7 +70,7 @@ def seconds_since_request() -> float:
 def _on_sigterm(signum, frame) -> None:
     global _signals
     _signals += 1
-    if _signals > 1:  # asked twice: stop now, as without a handler
+    if _signals > 1 or _done.is_set():  # asked twice, or nothing left to save: as without a handler
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
         return
@@ -89,6 +96,7 @@ def reset() -> None:
     """Forget requests and sources (a new attempt in the same process)."""
     global _signals, _last_poll
     _requested.clear()
+    _done.clear()
     _reason.clear()
     _requested_at.clear()
     _sources.clear()
