@@ -2,6 +2,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# make test runs the test files in this many processes (pytest-xdist, a file per process at a time):
+# the slow tests mostly wait on process start-up, so 2 processes fit the 40-minute CI on 2 cores.
+TEST_PROCS ?= 2
 
 .PHONY: setup demo test test-fast bench clean
 
@@ -19,7 +22,7 @@ demo: setup
 	$(BIN)/python -m unet_dist.demo $(ARGS)
 
 test: setup
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q $(ARGS)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q -n $(TEST_PROCS) --dist loadfile $(ARGS)
 
 test-fast: setup
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q -m "not slow" $(ARGS)

@@ -6,6 +6,7 @@
 
 Arguments other than --only/--out go to every script (--quick, --repeats N, --cache DIR).
 Default run: 6-10 minutes on 2 cores (more when the machine is busy); the launcher comparison is half of it.
+Not in the default run (ask with --only): preempt, sweep, demo (~25 min), multinode (root).
 """
 from __future__ import annotations
 
@@ -26,7 +27,13 @@ SCRIPTS = {  # name -> file, in the order of the data flow
     "launchers": "bench_launchers.py",
     "serving": "bench_serving.py",
     "gpu": "gpu.py",
+    # Long (minutes each, ~25 for demo) or needing root: run them by name with --only.
+    "preempt": "bench_preempt.py",
+    "sweep": "bench_sweep.py",
+    "demo": "bench_demo.py",
+    "multinode": "bench_multinode.py",
 }
+DEFAULT = ["synth", "preprocess", "loader", "sizing", "storage", "train", "launchers", "serving", "gpu"]
 
 
 def main() -> None:
@@ -34,7 +41,7 @@ def main() -> None:
     p.add_argument("--only", default="", help=f"comma-separated subset of {', '.join(SCRIPTS)}")
     p.add_argument("--out", help="also write all the output (markdown tables) to this file")
     args, rest = p.parse_known_args()
-    names = [n.strip() for n in args.only.split(",") if n.strip()] or list(SCRIPTS)
+    names = [n.strip() for n in args.only.split(",") if n.strip()] or DEFAULT
     unknown = [n for n in names if n not in SCRIPTS]
     if unknown:
         p.error(f"--only: unknown {', '.join(unknown)}; expected some of {', '.join(SCRIPTS)}")

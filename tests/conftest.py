@@ -14,6 +14,13 @@ from pathlib import Path
 import pytest
 
 BIN = Path(sys.executable).parent
+# Timeouts are safety nets: with the files shared among pytest-xdist processes (make test) two jobs
+# share the cores, so every wait may take twice as long before it counts as hung.
+SLOWDOWN = 2.0 if os.environ.get("PYTEST_XDIST_WORKER") else 1.0
+
+
+def patient(seconds: float) -> float:
+    return seconds * SLOWDOWN
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -35,7 +42,8 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 def run(cmd: list[str], *, cwd: Path, env: dict | None = None, timeout: int = 600,
         check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=cwd, env=env or clean_env(), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=cwd, env=env or clean_env(), capture_output=True, text=True,
+                          timeout=patient(timeout))
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(map(str, cmd))} exited {proc.returncode}\n"
                              f"--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-6000:]}")

@@ -23,7 +23,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from cluster import BIN, Cluster, mlflow_store, require_namespaces, s3_env, start_mlflow, start_s3
-from conftest import REPO, make_shards
+from conftest import REPO, make_shards, patient
 from unet_dist.train import checkpoint
 
 pytestmark = pytest.mark.slow
@@ -55,7 +55,7 @@ def cluster(tmp_path_factory):
 
 
 def wait_for(predicate, what: str, procs: list[subprocess.Popen], logs: list[Path], timeout: float = 240):
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + patient(timeout)
     while time.monotonic() < deadline:
         value = predicate()
         if value:
@@ -71,7 +71,7 @@ def tail(logs: list[Path], n: int = 3000) -> str:
 
 
 def finish(procs: list[subprocess.Popen], logs: list[Path], timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + patient(timeout)
     for p in procs:
         try:
             p.wait(timeout=max(1.0, deadline - time.monotonic()))

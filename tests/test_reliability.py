@@ -29,7 +29,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from conftest import BIN, REPO, assert_only_error, clean_env, run
+from conftest import BIN, REPO, assert_only_error, clean_env, patient, run
 from unet_dist import preprocess
 from unet_dist.config import load_config
 from unet_dist.data import shards as sh
@@ -80,7 +80,7 @@ def start(cmd: list[str], tmp: Path, log: Path) -> subprocess.Popen:
 
 def finish(proc: subprocess.Popen, log: Path, timeout: float) -> str:
     try:
-        proc.wait(timeout=timeout)
+        proc.wait(timeout=patient(timeout))
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -89,7 +89,7 @@ def finish(proc: subprocess.Popen, log: Path, timeout: float) -> str:
 
 
 def wait_until(predicate, *, what: str, proc: subprocess.Popen, log: Path, timeout: float = 180):
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + patient(timeout)
     while time.monotonic() < deadline:
         value = predicate()
         if value:
