@@ -1,5 +1,5 @@
-"""Data loading: samples/s through the training input pipeline (``unet_dist.data.loader.train_loader``
-+ ``to_device``: tar read, decode under the window, uint8 collate, augment + normalise) against the
+"""Data loading: samples/s through the training input pipeline (``unet_dist.data.stream.train_stream``
++ ``to_device``: sample read by seek, decode under the window, uint8 collate, augment + normalise) against the
 floor of tar read + decode alone, and against a folder-of-files ``torch.utils.data.Dataset`` running
 today's pipeline before issue 16 (``baseline_pipeline.py``); then, at the Cityscapes size, the CPU per
 sample of each photo encoding (bytes and pixel error against the PNG) and of a loader worker process,
@@ -105,6 +105,7 @@ def main() -> None:
     from unet_dist.data import loader as L
     from unet_dist import files
     from unet_dist.data import shards as sh
+    from unet_dist.data.stream import augment_rng, train_stream
 
     torch.set_num_threads(1)
     tc = TrainConfig()
@@ -123,8 +124,8 @@ def main() -> None:
         return n / (time.perf_counter() - t0), n / (time.process_time() - c0)
 
     def ours(workers: int):
-        return lambda: L.train_loader(urls, aug, bs, rank=0, seed=0, shuffle_buffer=tc.shuffle_buffer,
-                                      workers=workers, pin_memory=False)
+        return lambda: train_stream(urls, aug, bs, rank=0, world=1, seed=0, start=0, workers=workers,
+                                    pin_memory=False)
 
     def on_device(batch):  # a CPU-only rank pays the augment + normalise itself
         L.to_device(batch, aug, cpu)
@@ -133,7 +134,7 @@ def main() -> None:
         ds = FolderDataset(folder, aug)
         sampler = torch.utils.data.RandomSampler(ds, replacement=True, num_samples=10**9)
         return lambda: torch.utils.data.DataLoader(ds, batch_size=bs, sampler=sampler, num_workers=workers,
-                                                   collate_fn=L._collate, worker_init_fn=L._seed_numpy,
+                                                   collate_fn=L._collate, worker_init_fn=S.seed_numpy,
                                                    persistent_workers=workers > 0, drop_last=True)
 
     workers = (0, 1, 2)
@@ -151,7 +152,7 @@ def main() -> None:
                 "samples/s", baseline="floor: tar read + decode, 1 core")
     t.add("floor: tar read + decode, 1 core", wall["floor"], "webdataset tar iterator + decode_sample")
     for w in workers:
-        t.add(f"ours: train_loader + to_device, {w} workers", wall[f"ours {w}"],
+        t.add(f"ours: train_stream + to_device, {w} workers", wall[f"ours {w}"],
               "in the main process" if w == 0 else f"{w} loader process{'es' if w > 1 else ''}")
     for w in workers:
         t.add(f"baseline: folder Dataset, today's pipeline, {w} workers", wall[f"folder {w}"],
@@ -160,7 +161,7 @@ def main() -> None:
     pc = C.Table("Per core: samples per CPU-second of the one process doing the work (0 workers)",
                  "samples/CPU-s", baseline="floor: tar read + decode")
     pc.add("floor: tar read + decode", cpus["floor"])
-    pc.add("ours: train_loader + to_device", cpus["ours 0"], "tar read, shuffle, decode, uint8 collate, augment + "
+    pc.add("ours: train_stream + to_device", cpus["ours 0"], "sample read by seek, decode, uint8 collate, augment + "
                                                               "normalise (on the CPU here)")
     pc.add("baseline: folder Dataset, today's pipeline", cpus["folder 0"])
     pc.print()
@@ -169,13 +170,14 @@ def main() -> None:
     raw = list(wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples()))
     per = lambda secs: [s / len(raw) * 1e6 for s in secs]  # noqa: E731
     np.random.seed(0)
-    shipped = [L._train_sample(aug, s) for s in raw]
+    shipped = [L._train_sample(aug, s, augment_rng(0, 0, s["__key__"])) for s in raw]
     p = C.Table("Per sample, in the main process (CPU time)", "µs", higher_is_better=False,
                 baseline="today's pipeline (decode, CPU augment, float32)")
     p.add("today's pipeline (decode, CPU augment, float32)",
           per(C.cpu_timed(lambda: [BP.train_sample(aug, s) for s in raw], args.repeats)))
     p.add("loader worker: draw window, decode under it, uint8",
-          per(C.cpu_timed(lambda: [L._train_sample(aug, s) for s in raw], args.repeats)))
+          per(C.cpu_timed(lambda: [L._train_sample(aug, s, augment_rng(0, 0, s["__key__"])) for s in raw],
+                          args.repeats)))
     p.add("to_device on the CPU: resample, pad, flip, normalise",
           per(C.cpu_timed(lambda: [L.to_device(L._train_collate([b]), aug, cpu) for b in shipped], args.repeats)))
     p.print()
@@ -200,7 +202,7 @@ def main() -> None:
             np.random.seed(0)
             c0 = time.process_time()
             for s in ss:
-                L._train_sample(big_aug, s)
+                L._train_sample(big_aug, s, augment_rng(0, 0, s["__key__"]))
             cost.setdefault(name, []).append((time.process_time() - c0) / n_city * 1e3)
     g = C.Table(f"One {size[0]}x{size[1]} sample -> {big_aug.crop[0]}x{big_aug.crop[1]} crop, scale 0.5..2.0: "
                 "loader CPU time on this machine's core, by photo encoding", "ms per sample",
@@ -226,7 +228,7 @@ def main() -> None:
         wk.setdefault("today", []).append(S.worker_cpu_ms(lambda: S.baseline_loader(png_url, big_aug, 4, 1), nb // 2, 4))
         wk.setdefault("png", []).append(S.worker_cpu_ms(lambda: S.new_loader(png_url, big_aug, 4, 1), nb // 2, 4))
         wk.setdefault("chosen", []).append(S.worker_cpu_ms(lambda: S.new_loader(chosen_url, big_aug, 4, 1), nb, 4))
-    w = C.Table("The same in one loader worker process (train_loader, 1 worker, batch 4): its CPU time per sample",
+    w = C.Table("The same in one loader worker process (train_stream, 1 worker, batch 4): its CPU time per sample",
                 "ms per sample", higher_is_better=False, baseline="today's pipeline")
     w.add("today's pipeline", wk["today"], "PNG photos")
     w.add("new pipeline, PNG photos (existing shards)", wk["png"])
@@ -241,10 +243,10 @@ def main() -> None:
     S.sizing_table(city, C.median(wk["today"]), rates).print()
 
     print("Ratios (medians of this run):")
-    r0 = pc.ratio("ours: train_loader + to_device")
+    r0 = pc.ratio("ours: train_stream + to_device")
     print(C.goal_line("ours / floor per core (CPU time, 0 workers, augment included)", r0, ">= 0.8", r0 >= 0.8))
     for wn in workers:
-        vs = t.ratio(f"ours: train_loader + to_device, {wn} workers",
+        vs = t.ratio(f"ours: train_stream + to_device, {wn} workers",
                      f"baseline: folder Dataset, today's pipeline, {wn} workers")
         print(f"- ours / folder baseline at {wn} workers: {vs:.2f}")
     chosen = C.median(wk["chosen"])

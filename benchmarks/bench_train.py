@@ -1,6 +1,6 @@
 """Training: steady-state images/s and peak memory of our loop (``unet_dist.train.loop.train``, one
 rank, MLflow off) against a bare PyTorch loop over the same model, optimiser, schedule, gradient
-clipping and batches (the same ``train_loader``), at U-Net width 16 and width 64.
+clipping and batches (the same ``train_stream``), at U-Net width 16 and width 64.
 
     .venv/bin/python benchmarks/bench_train.py [--quick] [--repeats 3]
 
@@ -119,6 +119,7 @@ def run_bare(cfg, a, peak: RssPeak) -> tuple[list[float], int]:
     from unet_dist import labels
     from unet_dist.data import loader as L
     from unet_dist.data import shards as sh
+    from unet_dist.data.stream import train_stream
     from unet_dist.model import UNet
     from unet_dist.train.loop import lr_lambda, make_optimizer
 
@@ -132,8 +133,8 @@ def run_bare(cfg, a, peak: RssPeak) -> tuple[list[float], int]:
     loss_fn = torch.nn.CrossEntropyLoss(ignore_index=labels.IGNORE)
     urls = sh.shard_paths(cfg.shards.dir, sh.load_manifest(cfg.shards.dir), "train")
     aug = L.Augment(tuple(t.crop), tuple(t.scale), t.flip)
-    batches = iter(L.train_loader(urls, aug, t.batch_size, rank=0, seed=t.seed, shuffle_buffer=t.shuffle_buffer,
-                                  workers=t.loader_workers, pin_memory=False))
+    batches = iter(train_stream(urls, aug, t.batch_size, rank=0, world=1, seed=t.seed, start=0,
+                                workers=t.loader_workers, pin_memory=False, prefetch=cfg.shards.prefetch))
     model.train()
     windows, t0, c0 = [], time.perf_counter(), time.process_time()
     for step in range(1, t.steps + 1):

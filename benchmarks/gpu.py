@@ -10,7 +10,7 @@ input pipeline feeding it, and the host synchronisations of the training loop.
    clipping, AdamW. MFU = FLOPs of forward + backward (torch.utils.flop_counter) x images/s / the
    device's dense bf16 peak.
 2. Data-bound or compute-bound: the same bf16 + channels_last step fed by the real input pipeline
-   (``train_loader`` over Cityscapes-size synthetic shards stored as ``jobs/configs/cityscapes.yaml``
+   (``train_stream`` over Cityscapes-size synthetic shards stored as ``jobs/configs/cityscapes.yaml``
    says, ``--loader-workers`` processes, pinned memory, ``to_device``), as the ratio of step time with
    real data to step time with synthetic tensors: 1.0 = compute-bound, above = the GPU waits for data.
 3. Host syncs: ``train(cfg, ctx)`` of the loop itself runs twice under
@@ -120,7 +120,7 @@ def main() -> None:
     f = C.Table(f"Data-bound or compute-bound: {best}, batch {args.batch}, {size[0]}x{size[1]}", "images/s",
                 baseline="synthetic tensors on the device")
     f.add("synthetic tensors on the device", rates[best], "compute only")
-    f.add(f"real data: train_loader, {fed['workers']} workers + to_device", fed["rates"],
+    f.add(f"real data: train_stream, {fed['workers']} workers + to_device", fed["rates"],
           f"{fed['stored']}; loader CPU {fed['cpu_ms']:.1f} ms per sample in the workers")
     f.print()
     syncs = loop_syncs(args, C.cache_dir(args.cache), dev)
@@ -163,7 +163,7 @@ def _step(model, fn, opt, loss_fn, dtype):
 
 
 def fed_by_loader(args, size, steps, comp, cache, dev) -> dict:
-    """images/s of the bf16 + channels_last step fed by train_loader + to_device (real decoding)."""
+    """images/s of the bf16 + channels_last step fed by train_stream + to_device (real decoding)."""
     import psutil
     import torch
 
@@ -171,6 +171,7 @@ def fed_by_loader(args, size, steps, comp, cache, dev) -> dict:
     from unet_dist import labels
     from unet_dist.config import load_config
     from unet_dist.data import loader as L
+    from unet_dist.data.stream import train_stream
     from unet_dist.model import UNet
 
     city = load_config(C.REPO / "jobs/configs/cityscapes.yaml")
@@ -185,8 +186,8 @@ def fed_by_loader(args, size, steps, comp, cache, dev) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     step = _step(model, torch.compile(model) if comp else model, opt,
                  torch.nn.CrossEntropyLoss(ignore_index=labels.IGNORE), torch.bfloat16)
-    loader = L.train_loader([str(url)], aug, args.batch, rank=0, seed=0, shuffle_buffer=16, workers=workers,
-                            pin_memory=dev.type == "cuda")
+    loader = train_stream([str(url)], aug, args.batch, rank=0, world=1, seed=0, start=0, workers=workers,
+                          pin_memory=dev.type == "cuda", prefetch=enc.prefetch)
     it = iter(loader)
     for _ in range(5):
         step(*L.to_device(next(it), aug, dev, channels_last=True))

@@ -7,7 +7,7 @@ process, and the loader workers (cores) one GPU needs at a given step rate.
 Without ``--shards``, train shards are made from synthetic street scenes at the config's source
 size (Cityscapes: 1024x2048), the photo stored as the config's ``shards.photo_encoding`` says.
 CPU per sample is the user + system CPU time of the one loader worker process (``/proc``, via
-psutil) while the rank pulls batches from ``train_loader``, divided by the samples delivered; the
+psutil) while the rank pulls batches from ``train_stream``, divided by the samples delivered; the
 same is measured for today's pipeline before issue 16 (PNG photo, CPU augment, float32;
 ``baseline_pipeline.py``) in the same run. Without ``--steps-per-s`` the step rate is the one an
 H100 reaches at 40% and at 20% MFU on this model (FLOPs counted, not measured; see gpu.py).
@@ -52,31 +52,46 @@ def scene_tar(cache: Path, n: int, size: tuple[int, int], encoding: str, quality
     return path
 
 
+def seed_numpy(worker_id: int) -> None:
+    """The baseline's loader workers draw their augmentation from numpy's global generator."""
+    import numpy as np
+    import torch
+
+    np.random.seed(torch.initial_seed() % (2**32))
+
+
+def worker_seed(base: int, rank: int) -> int:
+    import torch
+
+    info = torch.utils.data.get_worker_info()
+    return base * 1_000_003 + rank * 1000 + (info.id if info else 0)
+
+
 def baseline_loader(urls: list[str], aug, batch: int, workers: int):
-    """Today's pipeline before issue 16, streamed like ``train_loader`` (same shard sampling)."""
+    """Today's pipeline before issue 16, streamed from resampled shards through a shuffle buffer
+    (how training sampled before the resumable stream)."""
     import numpy as np
     import torch
     import webdataset as wds
 
     import baseline_pipeline as BP
-    from unet_dist.data import loader as L
 
     def collate(items):
         return tuple(torch.stack(x) for x in zip(*items))
 
     pipeline = wds.DataPipeline(
-        wds.ResampledShards(urls, seed=0, worker_seed=partial(L._worker_seed, 0, 0), deterministic=True),
+        wds.ResampledShards(urls, seed=0, worker_seed=partial(worker_seed, 0, 0), deterministic=True),
         wds.tarfile_to_samples(), wds.shuffle(64, initial=16, seed=0),
         wds.map(partial(BP.train_sample, aug)), wds.batched(batch, collation_fn=collate, partial=False))
     np.random.seed(0)
     return wds.WebLoader(pipeline, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
-                         worker_init_fn=L._seed_numpy)
+                         worker_init_fn=seed_numpy)
 
 
 def new_loader(urls: list[str], aug, batch: int, workers: int):
-    from unet_dist.data import loader as L
+    from unet_dist.data.stream import train_stream
 
-    return L.train_loader(urls, aug, batch, rank=0, seed=0, shuffle_buffer=64, workers=workers, pin_memory=False)
+    return train_stream(urls, aug, batch, rank=0, world=1, seed=0, start=0, workers=workers, pin_memory=False)
 
 
 def worker_cpu_ms(make_loader, batches: int, batch: int, warmup: int = 3) -> float:

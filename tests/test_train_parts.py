@@ -12,7 +12,8 @@ import torch
 from unet_dist import labels, preprocess
 from unet_dist.config import load_config
 from unet_dist.data import shards
-from unet_dist.data.loader import Augment, to_device, train_loader
+from unet_dist.data.loader import Augment, to_device
+from unet_dist.data.stream import train_stream
 from unet_dist.synth import write_dataset
 from unet_dist.train import checkpoint
 from unet_dist.train.loop import Context, class_weights, lr_lambda, make_optimizer, train
@@ -77,12 +78,16 @@ def tiny_shards(tmp_path_factory) -> Path:
     return root / "shards"
 
 
-def test_train_loader_streams_endless_normalised_batches_with_train_ids(tiny_shards):
+def test_train_stream_yields_endless_uint8_batches_that_to_device_normalises_with_train_ids(tiny_shards):
     urls = shards.shard_paths(tiny_shards, shards.load_manifest(tiny_shards), "train")
     aug = Augment(crop=(16, 24), scale=(1.0, 1.0), flip=True)
-    loader = iter(train_loader(urls, aug, 3, rank=0, seed=1, shuffle_buffer=4, workers=0, pin_memory=False))
-    # 15 samples from 8: the stream resamples shards; the loader ships uint8, to_device augments
-    batches = [to_device(next(loader), aug, torch.device("cpu")) for _ in range(5)]
+    stream = iter(train_stream(urls, aug, 3, rank=0, world=1, seed=1, start=0, workers=0, pin_memory=False))
+    raw = [next(stream) for _ in range(5)]  # 15 samples from 8: the stream runs on into the next epoch
+    for photos, labels_, plans in raw:  # the loader ships uint8 source regions and the plans
+        assert len(photos) == len(labels_) == 3 and plans.shape == (3, 5)
+        assert all(p.dtype == torch.uint8 and p.shape[2] == 3 for p in photos)
+        assert all(y.dtype == torch.uint8 and y.shape == p.shape[:2] for p, y in zip(photos, labels_))
+    batches = [to_device(b, aug, torch.device("cpu")) for b in raw]  # to_device augments and normalises
     for images, target in batches:
         assert images.shape == (3, 3, 16, 24) and images.dtype == torch.float32
         assert target.shape == (3, 16, 24) and target.dtype == torch.int64

@@ -57,7 +57,7 @@ class ShardsConfig:
     photo_encoding: PhotoEncoding = "source"  # source: source bytes (JPEG q95 when resized) | jpeg: at jpeg_quality, pixel error in the manifest | png; labels always lossless (docs/input_pipeline.md)
     jpeg_quality: int = 95  # photo_encoding jpeg only
     photo_tile: Optional[list[int]] = None  # photo_encoding jpeg only: [height, width] JPEG tiles, so the loader decodes only the tiles under its crop; null = one JPEG
-    prefetch: int = 0  # training: shards read whole this many ahead per loader worker (helps on S3); 0 = stream
+    prefetch: int = 0  # training: batches in flight per loader worker (DataLoader prefetch_factor; more hides an object store's latency); 0 = torch's default, 2
 
 
 @dataclass
@@ -90,7 +90,6 @@ class TrainConfig:
     channels_last: bool = True  # NHWC memory format (faster convs on recent GPUs; ~6% on the demo CPU)
     compile: bool = False  # torch.compile the model
     loader_workers: int = 1  # data loader processes per rank
-    shuffle_buffer: int = 64  # samples shuffled in memory by data.loader.train_loader (benchmarks); training itself draws a full permutation per epoch (data/stream.py)
     eval_every: int = 250  # steps; 0 = only at the end
     eval_batches: int = 0  # 0 = the whole val split
     checkpoint_every: int = 250  # steps

@@ -1,18 +1,15 @@
-"""Streaming the shards into training and evaluation batches.
+"""Decoding shard samples into training and evaluation batches.
 
-Training streams *resampled* shards: every rank and loader worker draws shards at random with its own
-seed, forever, and the loop takes exactly ``steps x accumulation`` batches per rank. No rank can run
-short of data, so uneven shard counts never hang a collective. Evaluation reads every val sample
-exactly once across the ranks (sample ``i`` goes to rank ``i % world``), so summed confusion matrices
-are exact for any world size.
+Training batches come from :mod:`unet_dist.data.stream` (random access, a pure function of the step);
+this module decodes a sample under its augmentation window and finishes the augmentation on the
+training device (:func:`to_device`). Evaluation streams the val shards and reads every val sample
+exactly once across the ranks (sample ``i`` goes to rank ``i % world``), so summed confusion
+matrices are exact for any world size.
 """
 from __future__ import annotations
 
 import io
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import partial
 
 import numpy as np
 import simplejpeg
@@ -26,7 +23,7 @@ from unet_dist.data import shards
 from unet_dist.errors import UnetDistError
 from unet_dist.labels import IGNORE
 
-storage.register_gopen()  # s3:// shard URLs stream through unet_dist.storage (also in loader workers)
+storage.register_gopen()  # s3:// val shard URLs stream through unet_dist.storage
 
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32) * 255
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32) * 255
@@ -106,7 +103,7 @@ def decode_sample(sample: dict, aug: Augment | None = None,
     try:
         plan = box = None
         if aug is not None:
-            # np.random is seeded per loader worker from torch's seed (see _seed_numpy), so runs repeat.
+            # Training passes its own generator (data/stream.py); without one, numpy's global state.
             rng = rng if rng is not None else np.random.default_rng(np.random.randint(2**31))
             plan = draw_plan(*photo_size(photo), aug, rng)
             box = plan.box
@@ -219,9 +216,9 @@ def to_device(batch, aug: Augment, device: torch.device, channels_last: bool = F
     return images, torch.stack(ys).long()
 
 
-def _train_sample(aug: Augment, sample: dict):
+def _train_sample(aug: Augment, sample: dict, rng: np.random.Generator | None = None):
     """Decode only what the window needs; ship uint8 (augmented on the device by to_device)."""
-    image, label, plan = decode_sample(sample, aug)
+    image, label, plan = decode_sample(sample, aug, rng)
     return _tensor(image), _tensor(label), torch.tensor(_plan_row(plan))
 
 
@@ -236,11 +233,6 @@ def _train_collate(batch):
     return list(photos), list(labels), torch.stack(plans)
 
 
-def _worker_seed(base: int, rank: int) -> int:
-    info = torch.utils.data.get_worker_info()
-    return base * 1_000_003 + rank * 1000 + (info.id if info else 0)
-
-
 def _eval_sample(sample: dict):
     image, label, _ = decode_sample(sample)
     return normalize(image), torch.from_numpy(label.astype(np.int64)), image
@@ -248,54 +240,6 @@ def _eval_sample(sample: dict):
 
 def _collate(batch):
     return tuple(torch.stack(x) if isinstance(x[0], torch.Tensor) else list(x) for x in zip(*batch))
-
-
-def _prefetched_shards(src, depth: int):
-    """Shards read whole, ``depth`` ahead, in threads: the wait for the next shards (network or
-    disk) overlaps the decoding of this one. Same samples in the same order as streaming."""
-    with ThreadPoolExecutor(depth) as pool:
-        pending: deque = deque()
-        for item in src:
-            pending.append((item, pool.submit(storage.read_bytes, item["url"])))
-            if len(pending) > depth:
-                item, data = pending.popleft()
-                yield {**item, "stream": io.BytesIO(data.result())}
-        while pending:
-            item, data = pending.popleft()
-            yield {**item, "stream": io.BytesIO(data.result())}
-
-
-def shard_samples(prefetch: int = 0):
-    """Pipeline stage: shard URLs -> samples, streamed (``prefetch`` 0) or read ahead whole."""
-    return wds.pipelinefilter(_prefetched_samples)(prefetch) if prefetch > 0 else wds.tarfile_to_samples()
-
-
-def _prefetched_samples(src, depth: int):
-    from webdataset.tariterators import group_by_keys, tar_file_expander
-
-    return group_by_keys(tar_file_expander(_prefetched_shards(src, depth)))
-
-
-def train_loader(urls: list[str], aug: Augment, batch_size: int, *, rank: int, seed: int,
-                 shuffle_buffer: int, workers: int, pin_memory: bool, prefetch: int = 0) -> wds.WebLoader:
-    """An endless stream of batches for one rank: lists of uint8 source regions and labels, and
-    the plans that :func:`to_device` applies on the training device."""
-    if not urls:
-        raise UnetDistError("no train shards to stream")
-    worker_seed = partial(_worker_seed, seed, rank)
-    pipeline = wds.DataPipeline(
-        wds.ResampledShards(urls, seed=seed, worker_seed=worker_seed, deterministic=True),
-        shard_samples(prefetch),
-        wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 16), seed=seed * 7919 + rank),
-        wds.map(partial(_train_sample, aug)),
-        wds.batched(batch_size, collation_fn=_train_collate, partial=False),
-    )
-    return wds.WebLoader(pipeline, batch_size=None, num_workers=workers, pin_memory=pin_memory,
-                         persistent_workers=workers > 0, worker_init_fn=_seed_numpy)
-
-
-def _seed_numpy(worker_id: int) -> None:
-    np.random.seed(torch.initial_seed() % (2**32))
 
 
 def eval_batches(urls: list[str], batch_size: int, *, rank: int, world: int, limit: int = 0):

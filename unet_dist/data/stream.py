@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from unet_dist import storage
-from unet_dist.data.loader import Augment, _plan_row, _tensor, _train_collate, decode_sample
+from unet_dist.data.loader import Augment, _train_collate, _train_sample
 from unet_dist.errors import UnetDistError
 
 # A sample is (shard path, key, {member suffix: (offset, size)}).
@@ -130,8 +130,7 @@ class TrainBatches(torch.utils.data.Dataset):
         items = []
         for epoch, i in positions(self.spec, t, len(self.samples)):
             raw = self.read(self.samples[i])
-            image, label, plan = decode_sample(raw, self.aug, augment_rng(self.spec.seed, epoch, raw["__key__"]))
-            items.append((_tensor(image), _tensor(label), torch.tensor(_plan_row(plan))))
+            items.append(_train_sample(self.aug, raw, augment_rng(self.spec.seed, epoch, raw["__key__"])))
         return _train_collate(items)
 
     def __getstate__(self):  # open files stay with the process that opened them
