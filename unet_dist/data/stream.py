@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+from concurrent.futures import ThreadPoolExecutor
 import signal
 import tarfile
 import zlib
@@ -105,6 +106,7 @@ class TrainBatches(torch.utils.data.Dataset):
     def __init__(self, samples: list[Sample], aug: Augment, spec: StreamSpec):
         self.samples, self.aug, self.spec = samples, aug, spec
         self._files: dict[str, object] = {}
+        self._threads: ThreadPoolExecutor | None = None
 
     def read(self, sample: Sample) -> dict:
         url, key, members = sample
@@ -127,14 +129,23 @@ class TrainBatches(torch.utils.data.Dataset):
         return raw
 
     def __getitem__(self, t: int):
-        items = []
-        for epoch, i in positions(self.spec, t, len(self.samples)):
-            raw = self.read(self.samples[i])
-            items.append(_train_sample(self.aug, raw, augment_rng(self.spec.seed, epoch, raw["__key__"])))
+        picks = positions(self.spec, t, len(self.samples))
+        chosen = [self.samples[i] for _, i in picks]
+        if storage.is_remote(chosen[0][0]):  # the batch's GETs at once: S3 pays latency, not bandwidth
+            raws = list(self._pool().map(self.read, chosen))
+        else:
+            raws = [self.read(sample) for sample in chosen]
+        items = [_train_sample(self.aug, raw, augment_rng(self.spec.seed, epoch, raw["__key__"]))
+                 for (epoch, _), raw in zip(picks, raws)]
         return _train_collate(items)
 
-    def __getstate__(self):  # open files stay with the process that opened them
-        return {**self.__dict__, "_files": {}}
+    def _pool(self) -> ThreadPoolExecutor:
+        if self._threads is None:
+            self._threads = ThreadPoolExecutor(max_workers=min(16, self.spec.batch_size), thread_name_prefix="s3-get")
+        return self._threads
+
+    def __getstate__(self):  # open files and threads stay with the process that made them
+        return {**self.__dict__, "_files": {}, "_threads": None}
 
 
 def train_stream(urls: list[str], aug: Augment, batch_size: int, *, rank: int, world: int, seed: int,
