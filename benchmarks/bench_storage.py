@@ -3,12 +3,12 @@
     .venv/bin/python benchmarks/bench_storage.py [--quick] [--repeats N] [--cache DIR]
 
 Starts a real S3 server process (moto standalone, as in the tests) on 127.0.0.1, uploads the cached
-shards to a bucket and reads them through ``train_stream`` with ``s3://`` URLs (each shard indexed by
-streaming it once, then one ranged GET per sample through unet_dist.storage, boto3 underneath), with
-``shards.prefetch`` 0 (torch's default: 2 batches in flight per loader worker) and 8.
-The server runs on this machine: no network latency, but its HTTP handling is Python and shares the
-2 cores with the loader, so the S3 rows are a pessimistic bound for a real object store's CPU cost
-and an optimistic one for its latency (which prefetching is there to hide).
+shards to a bucket and reads them through ``train_stream`` with ``s3://`` URLs: each shard is copied
+once into the machine's cache (``unet_dist.storage.cached_copy``, boto3 underneath), then read with
+seeks like a local one. "cold" times the stream from its creation (the copies included) over the
+same number of batches, with an empty cache each time; "warm" is a later epoch or another rank on
+the same machine. The server runs on this machine: no network latency, but its HTTP handling is
+Python and shares the 2 cores with the loader.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -25,7 +26,6 @@ import _common as C
 from bench_loader import rate
 
 LOADER_WORKERS = 1  # the demo's train.loader_workers
-PREFETCH = 8  # shards.prefetch: batches in flight per loader worker, against torch's default 2
 
 
 def free_port() -> int:
@@ -84,31 +84,38 @@ def main() -> None:
         urls = {"local": sh.shard_paths(shards_dir, sh.load_manifest(shards_dir), "train"),
                 "s3": sh.shard_paths(remote, sh.load_manifest(remote), "train")}
 
-        def loader(where: str, prefetch: int):
+        def loader(where: str):
             return lambda: train_stream(urls[where], aug, tc.batch_size, rank=0, world=1, seed=0, start=0,
-                                        workers=LOADER_WORKERS, pin_memory=False, prefetch=prefetch)
+                                        workers=LOADER_WORKERS, pin_memory=False)
 
-        cases = [("local", 0), ("local", PREFETCH), ("s3", 0), ("s3", PREFETCH)]
-        res: dict[tuple[str, int], list[float]] = {}
+        def cold() -> float:
+            """samples/s from creating the stream (every shard copied from S3) through ``batches``."""
+            with tempfile.TemporaryDirectory(prefix="bench-cache-") as cache:
+                os.environ["UNET_DIST_CACHE"] = cache
+                t0 = time.perf_counter()
+                it = iter(loader("s3")())
+                n = sum(len(next(it)[0]) for _ in range(batches))
+                del it
+                return n / (time.perf_counter() - t0)
+
+        res: dict[str, list[float]] = {"local": [], "s3 warm": [], "s3 cold": []}
         before = storage.retry_count()
-        for _ in range(args.repeats):  # rounds: each case once per round
-            for where, prefetch in cases:
-                res.setdefault((where, prefetch), []).append(rate(loader(where, prefetch), 5, batches)[0])
+        with tempfile.TemporaryDirectory(prefix="bench-cache-") as warm_cache:
+            for _ in range(args.repeats):  # rounds: each case once per round
+                res["s3 cold"].append(cold())
+                os.environ["UNET_DIST_CACHE"] = warm_cache
+                for where in ("local", "s3"):
+                    res["s3 warm" if where == "s3" else where].append(rate(loader(where), 5, batches)[0])
         t = C.Table(f"train_stream, {LOADER_WORKERS} loader worker, {len(urls['local'])} train shards of {spp} "
-                    f"samples, batch {tc.batch_size}, crop {aug.crop}", "samples/s",
-                    baseline="local disk, prefetch 0")
-        lp, sp = f"local disk, prefetch {PREFETCH}", f"S3, prefetch {PREFETCH}"
-        t.add("local disk, prefetch 0", res[("local", 0)], "seek + read per sample; torch default: 2 batches in "
-                                                           "flight per worker")
-        t.add(lp, res[("local", PREFETCH)], f"{PREFETCH} batches in flight per worker")
-        t.add("S3, prefetch 0", res[("s3", 0)], "one ranged GET per sample through unet_dist.storage; 2 batches "
-                                                "in flight per worker")
-        t.add(sp, res[("s3", PREFETCH)], f"{PREFETCH} batches in flight per worker")
+                    f"samples, batch {tc.batch_size}, crop {aug.crop}", "samples/s", baseline="local disk")
+        t.add("local disk", res["local"], "seek + read per sample; after 5 warm-up batches")
+        t.add("S3, warm cache", res["s3 warm"], "shards already copied to this machine; after 5 warm-up batches")
+        t.add("S3, cold cache", res["s3 cold"], f"from the stream's creation: {len(urls['s3'])} shards copied, "
+                                                f"then {batches} batches")
         t.print()
         print("Ratios (medians of this run):", flush=True)
-        print(f"- S3 / local disk, prefetch 0: {t.ratio('S3, prefetch 0'):.2f}")
-        print(f"- S3 / local disk, both prefetch {PREFETCH}: {t.value(sp) / t.value(lp):.2f}")
-        print(f"- S3 prefetch {PREFETCH} / S3 prefetch 0: {t.value(sp) / t.value('S3, prefetch 0'):.2f}")
+        print(f"- S3 warm / local disk: {t.ratio('S3, warm cache'):.2f}")
+        print(f"- S3 cold / local disk: {t.ratio('S3, cold cache'):.2f} (the first epoch's start on a new machine)")
         print(f"- S3 retries in this process: {storage.retry_count() - before}\n", flush=True)
     finally:
         os.killpg(proc.pid, 15)

@@ -57,7 +57,7 @@ class ShardsConfig:
     photo_encoding: PhotoEncoding = "source"  # source: source bytes (JPEG q95 when resized) | jpeg: at jpeg_quality, pixel error in the manifest | png; labels always lossless (docs/input_pipeline.md)
     jpeg_quality: int = 95  # photo_encoding jpeg only
     photo_tile: Optional[list[int]] = None  # photo_encoding jpeg only: [height, width] JPEG tiles, so the loader decodes only the tiles under its crop; null = one JPEG
-    prefetch: int = 0  # training: batches in flight per loader worker (DataLoader prefetch_factor; more hides an object store's latency); 0 = torch's default, 2
+    prefetch: int = 0  # training: batches in flight per loader worker (DataLoader prefetch_factor); 0 = torch's default, 2
 
 
 @dataclass

@@ -281,16 +281,28 @@ def read_bytes(url: str | Path) -> bytes:
         return f.read()
 
 
-def read_range(url: str | Path, offset: int, length: int) -> bytes:
-    """``length`` bytes from ``offset`` (one ranged GET on S3, retried like every call): the
-    training stream's random access into uncompressed tar shards."""
+def cached_copy(url: str | Path) -> Path:
+    """A local file with the bytes of ``url``: itself when local; for an object, a copy in this
+    machine's cache (``$UNET_DIST_CACHE``, default ``<tmp>/unet-dist-cache``), downloaded once and
+    shared by every process here (a lock file: one downloads, the others wait). Keyed by URL and
+    size, so a rewritten object is fetched again. For random access to tar shards, which S3 makes
+    one request per read."""
     if not is_remote(url):
-        with open(url, "rb") as f:
-            f.seek(offset)
-            return f.read(length)
-    client, bucket, key = _s3(str(url))
-    return _call("get", str(url), lambda: client.get_object(
-        Bucket=bucket, Key=key, Range=f"bytes={offset}-{offset + length - 1}")["Body"].read())
+        return Path(url)
+    import fcntl
+
+    cache = Path(os.environ.get("UNET_DIST_CACHE") or Path(tempfile.gettempdir()) / "unet-dist-cache")
+    cache.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256(f"{url}\n{size(url)}".encode()).hexdigest()[:24]
+    path = cache / f"{digest}-{name(url)}"
+    with open(cache / f".{digest}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not path.exists():
+            tmp = cache / f".{digest}.{os.getpid()}.tmp"
+            with open_read(url) as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+            os.replace(tmp, path)
+    return path
 
 
 def read_text(url: str | Path) -> str:

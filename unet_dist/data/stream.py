@@ -11,14 +11,14 @@ decoding, the samples it skips.
 
 Samples are read by random access: the tar shards are uncompressed, so an index of each member's
 offset and size is enough to read one sample's bytes. A local shard is indexed from its tar headers
-alone and read with seeks; a shard on S3 is indexed by streaming it once (S3 has no cheap way to
-skip from header to header) and read with one ranged GET per sample.
+alone and read with seeks. A shard on S3 is first copied into this machine's cache
+(:func:`unet_dist.storage.cached_copy`: once per machine, shared by its ranks), because reading a
+sample at a time from S3 costs a request per sample (a quarter of local speed in
+``benchmarks/bench_storage.py``); an epoch visits every shard anyway.
 """
 from __future__ import annotations
 
-import contextlib
 import itertools
-from concurrent.futures import ThreadPoolExecutor
 import signal
 import tarfile
 import zlib
@@ -36,18 +36,15 @@ from unet_dist.errors import UnetDistError
 Sample = tuple[str, str, dict[str, tuple[int, int]]]
 
 
-def index_shards(urls: list[str]) -> list[Sample]:
-    """Every sample of ``urls`` in shard order: (shard, key, {suffix: (offset, size)})."""
+def index_shards(urls: list[str], local: dict[str, Path] | None = None) -> list[Sample]:
+    """Every sample of ``urls`` in shard order: (shard, key, {suffix: (offset, size)}), read from the
+    tar headers of ``local[url]`` (default: :func:`unet_dist.storage.cached_copy`)."""
+    local = local if local is not None else {url: storage.cached_copy(url) for url in urls}
     samples: list[Sample] = []
     for url in urls:
         by_key: dict[str, dict[str, tuple[int, int]]] = {}
         try:
-            with contextlib.ExitStack() as stack:
-                if storage.is_remote(url):
-                    body = stack.enter_context(storage.open_read(url))
-                    tar = stack.enter_context(tarfile.open(fileobj=body, mode="r|"))
-                else:
-                    tar = stack.enter_context(tarfile.open(url, "r:"))
+            with tarfile.open(local[url], "r:") as tar:
                 for member in tar:
                     if not member.isfile():
                         continue
@@ -57,7 +54,7 @@ def index_shards(urls: list[str]) -> list[Sample]:
                     folder = member.name[: len(member.name) - len(name)]
                     stem, suffix = name.split(".", 1)  # webdataset's rule: the key ends at the first dot
                     by_key.setdefault(folder + stem, {})[suffix] = (member.offset_data, member.size)
-        except (OSError, tarfile.TarError, UnetDistError) as e:
+        except (OSError, tarfile.TarError) as e:
             raise UnetDistError(f"{url}: cannot index shard ({e})") from None
         samples.extend((url, key, members) for key, members in by_key.items())
     if not samples:
@@ -103,59 +100,46 @@ class TrainBatches(torch.utils.data.Dataset):
     """Map-style: item ``t`` is rank ``spec.rank``'s batch ``t``. Read with an in-order DataLoader,
     any number of workers yields the same sequence."""
 
-    def __init__(self, samples: list[Sample], aug: Augment, spec: StreamSpec):
+    def __init__(self, samples: list[Sample], aug: Augment, spec: StreamSpec, local: dict[str, Path] | None = None):
         self.samples, self.aug, self.spec = samples, aug, spec
+        self.local = local or {}  # shard URL -> the file read (a cached copy of an S3 object)
         self._files: dict[str, object] = {}
-        self._threads: ThreadPoolExecutor | None = None
 
     def read(self, sample: Sample) -> dict:
         url, key, members = sample
         raw = {"__key__": key, "__url__": url}
-        if storage.is_remote(url):  # one GET for the sample: its members lie next to each other
-            first = min(offset for offset, _ in members.values())
-            data = storage.read_range(url, first, max(o + n for o, n in members.values()) - first)
-            raw.update((suffix, data[o - first:o - first + n]) for suffix, (o, n) in members.items())
-            return raw
         f = self._files.get(url)
         if f is None:
             if len(self._files) >= 8:  # a few open shards per worker
                 for old in self._files.values():
                     old.close()
                 self._files.clear()
-            f = self._files[url] = open(url, "rb")
+            f = self._files[url] = open(self.local.get(url, url), "rb")
         for suffix, (offset, size) in members.items():
             f.seek(offset)
             raw[suffix] = f.read(size)
         return raw
 
     def __getitem__(self, t: int):
-        picks = positions(self.spec, t, len(self.samples))
-        chosen = [self.samples[i] for _, i in picks]
-        if storage.is_remote(chosen[0][0]):  # the batch's GETs at once: S3 pays latency, not bandwidth
-            raws = list(self._pool().map(self.read, chosen))
-        else:
-            raws = [self.read(sample) for sample in chosen]
-        items = [_train_sample(self.aug, raw, augment_rng(self.spec.seed, epoch, raw["__key__"]))
-                 for (epoch, _), raw in zip(picks, raws)]
+        items = []
+        for epoch, i in positions(self.spec, t, len(self.samples)):
+            raw = self.read(self.samples[i])
+            items.append(_train_sample(self.aug, raw, augment_rng(self.spec.seed, epoch, raw["__key__"])))
         return _train_collate(items)
 
-    def _pool(self) -> ThreadPoolExecutor:
-        if self._threads is None:
-            self._threads = ThreadPoolExecutor(max_workers=min(16, self.spec.batch_size), thread_name_prefix="s3-get")
-        return self._threads
-
-    def __getstate__(self):  # open files and threads stay with the process that made them
-        return {**self.__dict__, "_files": {}, "_threads": None}
+    def __getstate__(self):  # open files stay with the process that opened them
+        return {**self.__dict__, "_files": {}}
 
 
 def train_stream(urls: list[str], aug: Augment, batch_size: int, *, rank: int, world: int, seed: int,
                  start: int, workers: int, pin_memory: bool, prefetch: int = 0) -> torch.utils.data.DataLoader:
     """An endless iterator of batches for one rank, from micro-batch ``start`` on: uint8 source
     regions, labels and augmentation plans, as :func:`unet_dist.data.loader.to_device` takes them.
-    ``prefetch``: batches each loader worker keeps in flight (0: torch's default, 2); more hides an
-    object store's latency."""
+    ``prefetch``: batches each loader worker keeps in flight (0: torch's default, 2). Shards on S3
+    are copied to this machine first (:func:`unet_dist.storage.cached_copy`)."""
     spec = StreamSpec(seed=seed, rank=rank, world=world, batch_size=batch_size)
-    dataset = TrainBatches(index_shards(urls), aug, spec)
+    local = {url: storage.cached_copy(url) for url in urls}
+    dataset = TrainBatches(index_shards(urls, local), aug, spec, local)
     return torch.utils.data.DataLoader(
         dataset, batch_size=None, sampler=itertools.count(start), num_workers=workers,
         pin_memory=pin_memory, persistent_workers=workers > 0, worker_init_fn=_ignore_sigterm,
