@@ -328,6 +328,43 @@ def test_ray_run_across_nodes_logs_one_mlflow_run_once_per_step(ray_node_lost):
     assert MlflowClient(mlflow_store(r["c"])).get_run(run_id).info.status == "FINISHED"
 
 
+def node_id(c: Cluster, ip: str) -> str:
+    code = ("import sys, ray; ray.init(address='auto', logging_level='ERROR'); "
+            "print(next(n['NodeID'] for n in ray.nodes() if n['Alive'] and n['NodeManagerAddress'] == sys.argv[1]))")
+    return c.run("node0", [BIN / "python", "-c", code, ip], env=c.env("node0", RAY_ADDRESS=f"{c.ip('node0')}:{RAY_PORT}"),
+                 timeout=120).stdout.strip()
+
+
+def test_a_ray_node_drain_checkpoints_at_once_and_training_goes_on(ray_cluster):
+    """A spot reclaim notice (`ray drain-node`, reason preemption, as the autoscaler sends it):
+    the workers checkpoint at the next log step, off the schedule, and keep training."""
+    c, steps, name = ray_cluster, 600, "drain"  # ~20 s: Ray polls for drains every 5 s
+    log = c.root / "ray-drain.log"
+    proc = submit(c, log, f"train.steps={steps}", f"train.run_name={name}", "train.log_every=2",
+                  "train.checkpoint_every=10000")
+    try:
+        wait_for(lambda: max(logged_steps(log.read_text(), steps) or [0]) >= 6, "step 6", [proc], [log], timeout=300)
+        c.run("node0", [BIN / "ray", "drain-node", "--address", f"{c.ip('node0')}:{RAY_PORT}",
+                        "--node-id", node_id(c, c.ip("node1")), "--reason", "DRAIN_NODE_REASON_PREEMPTION",
+                        "--reason-message", "spot reclaim", "--deadline-remaining-seconds", "600"])
+        finish([proc], [log], timeout=300)
+        text = log.read_text()
+        drained = re.search(r"Ray node drain \(1 node\(s\) of this job\): checkpoint at step (\d+), training goes on", text)
+        assert drained, tail([log])
+        at = int(drained.group(1))
+        assert 6 < at < steps and at % 2 == 0, at
+        assert at in published_steps(text), "the drain checkpoint is in storage"
+        assert s3_latest_step(c, f"{S3_CKPT}/{name}") == steps
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        c.kill_node("node1")  # a drained node takes no new work: give the next tests a fresh one
+        ray_start(c, "node1")
+        deadline = time.monotonic() + 60
+        while len(alive_nodes(c)) < 2 and time.monotonic() < deadline:
+            time.sleep(1)
+
+
 def plain_submit(c: Cluster, log: Path, *sets: str) -> subprocess.Popen:
     """The README's plain ``ray job submit --working-dir .``: no runtime env, so no MLFLOW_TRACKING_URI."""
     args = [a for kv in [*TINY, "train.workers=2", f"shards.dir={S3_SHARDS}", f"train.checkpoint_dir={S3_CKPT}", *sets]

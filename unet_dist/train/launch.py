@@ -192,8 +192,17 @@ def _ray_worker(loop_config: dict) -> dict:
             newer = on_disk is not None and checkpoint.read_meta(on_disk)["step"] > checkpoint.read_meta(Path(d))["step"]
             yield on_disk if newer else Path(d)
 
+    def node_drain() -> str | None:
+        try:
+            info = ray.train.get_preemption_info()
+        except Exception as e:  # noqa: BLE001 - an alpha API: never let it stop training
+            log.debug("no preemption info from Ray: %s", e)
+            return None
+        return f"Ray node drain ({len(info.preempted_node_ids)} node(s) of this job)" if info else None
+
     ctx = Context(rank=rc.get_world_rank(), world_size=rc.get_world_size(), local_rank=rc.get_local_rank(),
-                  launcher="ray", run_id=loop_config["run_id"], report=report, latest_checkpoint=latest)
+                  launcher="ray", run_id=loop_config["run_id"], report=report, latest_checkpoint=latest,
+                  node_drain=node_drain)
     try:
         return train(cfg, ctx)  # a non-finite loss returns too: retrying from the same checkpoint repeats it
     except AllRanksError as e:  # bad input every rank agreed on: end the run instead of retrying it

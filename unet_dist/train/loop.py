@@ -47,6 +47,9 @@ class Context:
     # The newest checkpoint directory to resume from, or None; callable as a context manager.
     latest_checkpoint: Callable[[], contextlib.AbstractContextManager]
     resumed_from: str | None = field(default=None)
+    # Ray: a reason when a node of this job is being drained (a spot reclaim), else None. Every rank
+    # calls it at the same steps (it is a barrier across the workers).
+    node_drain: Callable[[], str | None] | None = None
 
 
 def device_for(cfg: Config, ctx: Context) -> torch.device:
@@ -205,6 +208,7 @@ class Run:
     wall_s: float = 0.0
     preempt_group: object = None  # the process group the preemption flag is agreed on
     saved: int = -1  # the last step checkpointed
+    drain_saved: bool = False  # a checkpoint was taken for a node drain
 
 
 def train(cfg: Config, ctx: Context) -> dict:
@@ -311,6 +315,9 @@ def run_steps(run: Run) -> None:
         if step < t.steps and preemption.agreed(ctx.world_size, run.preempt_group):
             _checkpoint_preempted(run, step)
             break
+        if ctx.node_drain and step % t.log_every == 0 and step < t.steps and not run.drain_saved:
+            if not _checkpoint_before_drain(run, step):
+                break
     preemption.steps_done()
     run.wall_s = time.perf_counter() - t0
 
@@ -404,26 +411,49 @@ def _evaluate_and_checkpoint(run: Run, step: int) -> bool:
     return True
 
 
-def _checkpoint_preempted(run: Run, step: int) -> None:
-    """Every rank agreed to stop after ``step`` (a SIGTERM somewhere): save it unless this step was
-    just saved, and stop with status ``preempted``. Buffers are not averaged, so the resumed run goes
-    on exactly as one that never stopped; each rank's own are saved (checkpoint.rank_state)."""
+def _checkpoint_now(run: Run, step: int, status: str) -> bool:
+    """A checkpoint of ``step`` off the schedule (every rank calls it), unless this step was just
+    saved. Buffers are not averaged, so a run resumed from it goes on exactly as one that never
+    stopped; each rank's own are saved (checkpoint.rank_state). False, with the run's status set,
+    when the loss or the weights are not finite: such a step is never checkpointed."""
     ctx = run.ctx
     finite = torch.tensor([float(_finite_state(run.model))])  # buffers differ by rank here: agree
     if ctx.world_size > 1:
         dist.all_reduce(finite, op=dist.ReduceOp.MIN, group=run.preempt_group)
-    bad = _first_bad_step(run)  # never checkpoint a step whose loss was not finite
+    bad = _first_bad_step(run)
     if bad is not None or finite.item() < 1:
         run.status, run.step = ("non_finite_loss", bad) if bad is not None else ("non_finite_weights", step)
-        return
-    run.status = preemption.STATUS
-    if ctx.rank == 0:
-        log.info("preempted (%s): checkpoint at step %d, then stop", preemption.reason(), step)
+        return False
     if run.saved != step:
-        _save(run, step, {"step": step, "best_miou": run.best, "status": run.status})
-    if ctx.rank == 0:
-        log.info("preemption checkpoint at step %d published %.2f s after the request",
-                 step, preemption.seconds_since_request())
+        _save(run, step, {"step": step, "best_miou": run.best, "status": status})
+        run.saved = step
+    return True
+
+
+def _checkpoint_preempted(run: Run, step: int) -> None:
+    """Every rank agreed to stop after ``step`` (a SIGTERM somewhere): checkpoint it and stop with
+    status ``preempted``."""
+    if run.ctx.rank == 0:
+        log.info("preempted (%s): checkpoint at step %d, then stop", preemption.reason(), step)
+    if _checkpoint_now(run, step, preemption.STATUS):
+        run.status = preemption.STATUS
+        if run.ctx.rank == 0:
+            log.info("preemption checkpoint at step %d published %.2f s after the request",
+                     step, preemption.seconds_since_request())
+
+
+def _checkpoint_before_drain(run: Run, step: int) -> bool:
+    """Ray says a node of this job is being drained (a spot reclaim notice): checkpoint now and go
+    on training. When the node goes, Ray Train restarts the workers from this checkpoint (counted
+    against FailureConfig.max_preemption_failures, not max_failures); if it never goes, nothing is
+    lost. False when the step could not be checkpointed (not finite: training stops)."""
+    why = run.ctx.node_drain()
+    if why is None:
+        return True
+    run.drain_saved = True
+    if run.ctx.rank == 0:
+        log.warning("%s: checkpoint at step %d, training goes on", why, step)
+    return _checkpoint_now(run, step, "running")
 
 
 def _evaluate(run: Run, step: int) -> dict:
