@@ -13,7 +13,6 @@ scaling on this 2-core machine; "per core" compares the in-process (0 worker) lo
 """
 from __future__ import annotations
 
-import math
 import sys
 import time
 from pathlib import Path
@@ -103,7 +102,6 @@ def main() -> None:
     import baseline_pipeline as BP
     from unet_dist.config import TrainConfig
     from unet_dist.data import loader as L
-    from unet_dist import files
     from unet_dist.data import shards as sh
     from unet_dist.data.stream import augment_rng, train_stream
 

@@ -8,7 +8,9 @@ on node0 and node1, so the only difference is whether the all-reduce crosses the
 "network" or stays on one node. Shards sit in one host folder bound at /mnt/shared in both nodes;
 MLflow is a server in the services namespace. The two "nodes" share this machine's cores, so this
 measures the cost of crossing nodes (rendezvous, TCP between namespaces), not a speed-up from more
-hardware. Needs root (network namespaces). Cases alternate; medians of the repeats.
+hardware. Every rank computes on 1 thread (OMP_NUM_THREADS=1; torchrun sets it only with more than
+one process per node), so 2 ranks never ask for more than the 2 cores either way. Needs root
+(network namespaces). Cases alternate; medians of the repeats.
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ def launch(c: Cluster, nodes: list[str], nproc: int, sets: list[str], rdzv: str,
                      env=c.env(n, NNODES=str(len(nodes)), NODE_RANK=str(i), MASTER_ADDR=c.ip(nodes[0]),
                                NPROC=str(nproc), RUN_ID=rdzv, MAX_RESTARTS="0", CONFIG="jobs/configs/smoke.yaml",
                                TORCHRUN=str(BIN / "torchrun"), PYTHON=str(BIN / "python"),
-                               MLFLOW_TRACKING_URI=c.mlflow_uri))
+                               MLFLOW_TRACKING_URI=c.mlflow_uri, OMP_NUM_THREADS="1"))
              for i, n in enumerate(nodes)]
     for p in procs:
         try:

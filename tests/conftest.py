@@ -24,6 +24,17 @@ def patient(seconds: float) -> float:
 REPO = Path(__file__).resolve().parents[1]
 
 
+# The longest files first, so that with the files shared among processes (make test: pytest-xdist,
+# --dist loadfile --no-loadscope-reorder) none of them starts last and runs alone.
+LONGEST_FIRST = ["test_demo.py", "test_multinode.py", "test_preemption.py", "test_tune.py", "test_reliability.py",
+                 "test_s3.py", "test_ray_mlflow.py", "test_benchmarks_smoke.py", "test_ray_auth.py"]
+
+
+def pytest_collection_modifyitems(session, config, items) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order otherwise
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -133,7 +144,22 @@ def ray_head(tmp_path_factory, s3_server):
         run([str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
              "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "2",
              "--disable-usage-stats", f"--temp-dir={temp}"], cwd=tmp, env=env, timeout=180)
+        wait_for_job_agent(f"http://127.0.0.1:{dash}", env, tmp)
         yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}"}
+
+
+def wait_for_job_agent(dashboard: str, env: dict, cwd: Path, timeout: float = 180) -> None:
+    """`ray start` returns before the node's job agent takes jobs ("No available agent to submit
+    job"; seconds on a busy machine): submit a no-op job until one is accepted."""
+    deadline = time.monotonic() + patient(timeout)
+    while True:
+        proc = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", dashboard, "--no-wait", "--", "true"],
+                              cwd=cwd, env=env, capture_output=True, text=True, timeout=patient(60))
+        if proc.returncode == 0:
+            return
+        if "No available agent" not in proc.stdout + proc.stderr or time.monotonic() > deadline:
+            raise AssertionError(f"the Ray job server at {dashboard} takes no job:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+        time.sleep(2)
 
 
 @contextlib.contextmanager

@@ -267,6 +267,11 @@ def ray_cluster(cluster):
     deadline = time.monotonic() + 60
     while len(alive_nodes(c)) < 2 and time.monotonic() < deadline:
         time.sleep(1)
+    probe = c.env("node0", RAY_ADDRESS=f"http://{c.ip('node0')}:{DASHBOARD_PORT}")
+    deadline = time.monotonic() + patient(180)  # the head's job agent takes jobs a little after `ray start`
+    while c.run("node0", [BIN / "ray", "job", "submit", "--no-wait", "--", "true"], env=probe, check=False).returncode:
+        assert time.monotonic() < deadline, "node0's Ray job server takes no job"
+        time.sleep(2)
     yield c
     for node in ("node1", "node0"):
         c.kill_node(node)  # never `ray stop`: it kills every Ray process on the host

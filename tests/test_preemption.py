@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import REPO, run
 from test_reliability import (alive, env_for, finish, last_logged_step, latest_step, metric_steps, mlflow_status,
-                              ray_cmd, ray_worker_pids, resumed_at, run_id_of, sets, start, wait_until)
+                              ray_cmd, ray_worker_pids, resumed_at, run_id_of, sets, wait_until)
 from unet_dist.train import checkpoint, preemption
 
 pytestmark = pytest.mark.slow
@@ -101,7 +101,8 @@ def assert_preempted_then_resumed_exactly(r: dict, reference: str) -> None:
     if re.search(SIGNALLED_LINE, r["first"]):  # not when only the Ray driver was signalled
         during = signalled_during(r["first"])
         assert during <= step <= during + 1, (during, step)
-    assert r["meta"]["status"] == "preempted" and step % 5, "a checkpoint of its own, between periodic ones"
+    if step % 5:  # off the schedule: a checkpoint of its own (on a periodic step, that one serves)
+        assert r["meta"]["status"] == "preempted", r["meta"]
     assert f"preemption checkpoint at step {step} published" in r["first"]
     assert r["after_stop"]["status"] == "KILLED", "resumable: not FAILED"
     assert r["after_stop"]["tags"]["unet_dist.status"] == "preempted"

@@ -72,7 +72,7 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 700  # total optimiser steps
+    steps: int = 800  # total optimiser steps
     batch_size: int = 4  # per worker, per micro-step
     accumulation: int = 1  # micro-steps per optimiser step
     optimizer: Optimizer = "adamw"  # adamw | sgd

@@ -37,11 +37,6 @@ def confusion_matrix(
     return torch.bincount(target * k + pred, minlength=k * k).reshape(k, k)
 
 
-def scores(self) -> dict:
-        """Scores of this rank's counts (call ``scores(meter.all_reduce())`` for the global ones)."""
-        return scores(self.conf)
-
-
 def scores(conf: torch.Tensor | np.ndarray) -> dict:
     """mIoU, per-class IoU and accuracies from a confusion matrix (rows = truth, columns = prediction).
 

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from unet_dist import labels, storage, viz
-from unet_dist.config import Config, dump_yaml, flatten, to_dict
+from unet_dist.config import Config, dump_yaml, flatten
 from unet_dist.data import shards
 from unet_dist.errors import UnetDistError
 from unet_dist.evaluation import format_table

@@ -61,7 +61,7 @@ def run_trial(values: dict, *, base: dict, sweep: Sweep, trials_dir: str, parent
     """One Tune trial: a Ray Train run of the one loop, logging to a child run of the sweep's run."""
     import ray.tune
 
-    from unet_dist.train import launch, multinode
+    from unet_dist.train import launch
 
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = trial_config(from_dict(base, "base config"), values, sweep, trial_id, trials_dir)
@@ -227,7 +227,7 @@ def run_sweep(cfg: Config, sweep: Sweep) -> dict:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from unet_dist.train import launch
+    from unet_dist.train import launch, multinode
 
     cfg = launch.absolute_paths(cfg)
     check_against_base(sweep, cfg)
