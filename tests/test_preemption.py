@@ -147,9 +147,10 @@ def test_sigterm_to_the_ray_driver_makes_the_workers_checkpoint(tmp_path, small_
 
 
 def test_second_sigterm_during_the_checkpoint_write_leaves_no_half_checkpoint(tmp_path, small_shards):
-    """A width-64 model: its checkpoint (model and AdamW state, ~370 MB) takes long enough to write
-    that a second SIGTERM, sent when rank 0 starts writing, lands in the middle of it."""
-    cmd = torchrun_job(tmp_path, small_shards, "twice", "model.width=64", "model.depth=5")
+    """A width-32 model: its checkpoint (model and AdamW state, ~90 MB, written twice: a temporary
+    folder, then the published copy) takes long enough to write that a second SIGTERM, sent when
+    rank 0 starts writing, usually lands in the middle of it."""
+    cmd = torchrun_job(tmp_path, small_shards, "twice", "model.width=32", "model.depth=5")
     log = tmp_path / "job.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=tmp_path, env=job_env(tmp_path), stdout=out, stderr=subprocess.STDOUT,
