@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, REPO, clean_env, free_port, ray_temp_dir, run, wait_for_job_agent
+from conftest import BIN, REPO, clean_env, free_port, ray_temp_dir, run
 
 SUBMIT = REPO / "jobs" / "submit_ray.sh"
 
@@ -59,7 +59,6 @@ def token_head(tmp_path_factory):
         run([str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
              "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "2",
              "--disable-usage-stats", f"--temp-dir={temp}"], cwd=home, env=env, timeout=180)
-        wait_for_job_agent(f"http://127.0.0.1:{dash}", env, home)
         yield {"dashboard": f"http://127.0.0.1:{dash}", "token": token, "home": home}
     assert (machine_token.stat().st_mtime_ns if machine_token.exists() else None) == before, \
         "the machine's ~/.ray/auth_token was touched"
