@@ -137,15 +137,39 @@ def served(cmd: list[str], root: Path, url: str, probe: str, env: dict, timeout:
 def ray_head(tmp_path_factory, s3_server):
     """A real local Ray head (`ray start --head` on 127.0.0.1, auth disabled explicitly). Its nodes
     hold the S3 server's AWS variables, as cluster nodes hold theirs (a pod's Secret, a role)."""
-    tmp = tmp_path_factory.mktemp("ray")
-    port, dash = free_port(), free_port()
-    env = clean_env(**s3_server.env)
-    with ray_temp_dir() as temp:
-        run([str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
-             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "2",
-             "--disable-usage-stats", f"--temp-dir={temp}"], cwd=tmp, env=env, timeout=180)
-        wait_for_job_agent(f"http://127.0.0.1:{dash}", env, tmp)
-        yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}"}
+    with local_ray_head(clean_env(**s3_server.env), tmp_path_factory.mktemp("ray")) as head:
+        yield head
+
+
+@contextlib.contextmanager
+def local_ray_head(env: dict, cwd: Path):
+    """`ray start --head` on 127.0.0.1 with every listening port its own, yields its addresses once
+    the job agent takes jobs, and afterwards kills every process of that head.
+
+    Two heads share this machine under pytest-xdist: left at their defaults, the second head's job
+    agent cannot bind 52365 and its job server answers "No available agent" for ever. `ray start`
+    runs in a session of its own, so every process it forks (the agents and the client server
+    reparent to init and never name the temp dir) is found again by that session id."""
+    import shutil
+    import tempfile
+
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit AF_UNIX
+    port, dash, agent, client = (free_port() for _ in range(4))
+    cmd = [str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+           "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--dashboard-agent-listen-port", str(agent),
+           "--ray-client-server-port", str(client), "--num-cpus", "2", "--disable-usage-stats", f"--temp-dir={temp}"]
+    starter = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    try:
+        out, _ = starter.communicate(timeout=patient(180))
+        if starter.returncode != 0:
+            raise AssertionError(f"ray start exited {starter.returncode}:\n{out[-6000:]}")
+        dashboard = f"http://127.0.0.1:{dash}"
+        wait_for_job_agent(dashboard, env, cwd)
+        yield {"address": f"127.0.0.1:{port}", "dashboard": dashboard}
+    finally:
+        kill_session(starter.pid)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def wait_for_job_agent(dashboard: str, env: dict, cwd: Path, timeout: float = 180) -> None:
@@ -162,30 +186,16 @@ def wait_for_job_agent(dashboard: str, env: dict, cwd: Path, timeout: float = 18
         time.sleep(2)
 
 
-@contextlib.contextmanager
-def ray_temp_dir():
-    """A Ray temp dir of this head's own; on exit every process of that head is killed. Not
-    `ray stop --force`: it would kill every Ray process on the machine, other tests' included."""
-    import shutil
-    import tempfile
-
-    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit AF_UNIX
-    try:
-        yield temp
-    finally:
-        stop_ray_processes(temp)
-        shutil.rmtree(temp, ignore_errors=True)
-
-
-def stop_ray_processes(temp: str) -> None:
-    """SIGKILL the processes of the Ray head whose temp dir is ``temp``: GCS, raylet, dashboard,
-    log monitor and agents name it on their command line; its workers end with their raylet."""
+def kill_session(sid: int) -> None:
+    """SIGKILL every process of session ``sid`` (never this test process's own session)."""
     import psutil
 
+    if sid == os.getsid(0):
+        raise ValueError("refusing to kill this test process's own session")
     mine = []
-    for p in psutil.process_iter(["cmdline"]):
-        with contextlib.suppress(psutil.Error):
-            if any(temp in arg for arg in p.info["cmdline"] or []):
+    for p in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, ProcessLookupError, PermissionError):
+            if os.getsid(p.pid) == sid:
                 mine.append(p)
     for p in mine:
         with contextlib.suppress(psutil.Error):

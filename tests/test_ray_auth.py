@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, REPO, clean_env, free_port, ray_temp_dir, run
+from conftest import BIN, REPO, clean_env, local_ray_head, run
 
 SUBMIT = REPO / "jobs" / "submit_ray.sh"
 
@@ -51,15 +51,11 @@ def token_head(tmp_path_factory):
     """A real Ray head with token authentication, its token only in this fixture's environment."""
     home = tmp_path_factory.mktemp("ray-auth-home")
     token = secrets.token_hex(32)
-    port, dash = free_port(), free_port()
     env = token_env(home, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
     machine_token = Path.home() / ".ray" / "auth_token"
     before = machine_token.stat().st_mtime_ns if machine_token.exists() else None
-    with ray_temp_dir() as temp:
-        run([str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
-             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "2",
-             "--disable-usage-stats", f"--temp-dir={temp}"], cwd=home, env=env, timeout=180)
-        yield {"dashboard": f"http://127.0.0.1:{dash}", "token": token, "home": home}
+    with local_ray_head(env, home) as head:
+        yield {"dashboard": head["dashboard"], "token": token, "home": home}
     assert (machine_token.stat().st_mtime_ns if machine_token.exists() else None) == before, \
         "the machine's ~/.ray/auth_token was touched"
 
