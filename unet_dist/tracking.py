@@ -1,5 +1,5 @@
 """MLflow: one run per training job, created once, logged to by rank 0 only. Every MLflow call of
-the package lives here, apart from the launchers marking a run FAILED.
+the package lives here.
 
 The run id is created by whoever starts the job (the Ray driver, or torchrun's rank 0), written into
 every checkpoint, and read back on resume, so a restarted or relaunched job continues the same run.
@@ -135,6 +135,18 @@ def start_run(cfg: Config, *, resume_run_id: str | None, tags: dict[str, str]) -
     client.log_batch(run.info.run_id, params=[Param(k, v[:6000]) for k, v in params])
     log.info("MLflow run %s in experiment %s (%s)", run.info.run_id, cfg.mlflow.experiment, uri)
     return run.info.run_id
+
+
+def mark_failed(cfg: Config, run_id: str | None) -> None:
+    """A job that ends in an error leaves its MLflow run FAILED, not RUNNING for ever."""
+    if not run_id:
+        return
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient(resolve_tracking_uri(cfg)).set_terminated(run_id, "FAILED")
+    except Exception:  # the tracking server is unreachable: the job's own error matters more
+        log.warning("could not mark MLflow run %s FAILED", run_id)
 
 
 class RunLogger:

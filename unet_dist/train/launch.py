@@ -12,7 +12,7 @@ import logging
 import os
 from pathlib import Path
 
-from unet_dist import storage
+from unet_dist import storage, tracking
 from unet_dist.config import Config, from_dict, to_dict
 from unet_dist.data import shards
 from unet_dist.distributed import init_torchrun_group, pin_interface
@@ -30,12 +30,10 @@ def run_dir(cfg: Config) -> str | Path:
 
 def absolute_paths(cfg: Config) -> Config:
     """Paths made absolute and the tracking URI pinned, so every worker sees the same places."""
-    from unet_dist.tracking import resolve_tracking_uri
-
     cfg = dataclasses.replace(cfg)
     cfg.shards = dataclasses.replace(cfg.shards, dir=storage.absolute(cfg.shards.dir))
     cfg.train = dataclasses.replace(cfg.train, checkpoint_dir=storage.absolute(cfg.train.checkpoint_dir))
-    cfg.mlflow = dataclasses.replace(cfg.mlflow, tracking_uri=resolve_tracking_uri(cfg))
+    cfg.mlflow = dataclasses.replace(cfg.mlflow, tracking_uri=tracking.resolve_tracking_uri(cfg))
     return cfg
 
 
@@ -45,13 +43,11 @@ def preflight(cfg: Config) -> None:
     lists shards that are there with their sizes, and the checkpoint this job would resume was made
     for this model, and the MLflow server accepts our login. (Shard hashes are checked by rank 0
     before the first step.)"""
-    from unet_dist.tracking import check_access
-
     storage.check(cfg.train.checkpoint_dir)
     manifest = shards.load_manifest(cfg.shards.dir)
     for split in ("train", "val"):
         shards.check_listed(cfg.shards.dir, manifest, split)
-    check_access(cfg.mlflow.tracking_uri)
+    tracking.check_access(cfg.mlflow.tracking_uri)
     latest = checkpoint.find_latest(run_dir(cfg))
     if latest is not None:
         checkpoint.check_model(latest, to_dict(cfg)["model"])
@@ -59,25 +55,11 @@ def preflight(cfg: Config) -> None:
 
 def open_run(cfg: Config, launcher: str, world: int, tags: dict[str, str] | None = None) -> tuple[str, str | None]:
     """The MLflow run for this job: the one recorded in the newest checkpoint, or a new one."""
-    from unet_dist.tracking import start_run
-
     latest = checkpoint.find_latest(run_dir(cfg))
     resume_id = checkpoint.read_meta(latest).get("mlflow_run_id") if latest else None
-    run_id = start_run(cfg, resume_run_id=resume_id, tags={
+    run_id = tracking.start_run(cfg, resume_run_id=resume_id, tags={
         "launcher": launcher, "unet_dist.run_name": cfg.train.run_name, "world_size": str(world), **(tags or {})})
     return run_id, str(latest) if latest else None
-
-
-def _mark_failed(cfg: Config, run_id: str | None) -> None:
-    """A job that ends in an error leaves its MLflow run FAILED, not RUNNING for ever."""
-    if not run_id:
-        return
-    from mlflow.tracking import MlflowClient
-
-    try:
-        MlflowClient(cfg.mlflow.tracking_uri).set_terminated(run_id, "FAILED")
-    except Exception:  # the tracking server is unreachable: the job's own error matters more
-        log.warning("could not mark MLflow run %s FAILED", run_id)
 
 
 @contextlib.contextmanager
@@ -94,11 +76,12 @@ def run_torchrun(cfg: Config) -> dict | None:
     preemption.install()  # the agent forwards its SIGTERM to every rank
     cfg = absolute_paths(cfg)
     preflight(cfg)  # every rank: the same answer, before any collective
-    multinode.check_tracking_store(cfg.mlflow.tracking_uri, multinode.torchrun_nodes())
+    nodes = multinode.torchrun_nodes()
+    multinode.check_tracking_store(cfg.mlflow.tracking_uri, nodes)
     rank, world = init_torchrun_group("nccl" if cfg.train.use_gpu else "gloo")
     directory = run_dir(cfg)
     try:
-        if multinode.torchrun_nodes() > 1:
+        if nodes > 1:
             multinode.check_torchrun_places(cfg, rank, world)
         run_id = open_run(cfg, "torchrun", world)[0] if rank == 0 else None
 
@@ -113,7 +96,7 @@ def run_torchrun(cfg: Config) -> dict | None:
         try:
             summary = train(cfg, ctx)
         except Exception:
-            _mark_failed(cfg, run_id)  # rank 0 holds the run id
+            tracking.mark_failed(cfg, run_id)  # rank 0 holds the run id
             raise
         latest = checkpoint.find_latest(directory)
         summary["checkpoint"] = str(latest) if latest else None
@@ -129,6 +112,11 @@ def run_torchrun(cfg: Config) -> dict | None:
 
 # ----------------------------------------------------------------------------------------- Ray Train
 PREEMPT_NAMESPACE = "unet_dist_preempt"
+
+
+def _preempt_key(cfg: Config, run_id: str) -> str:
+    """The flag the driver sets on SIGTERM (run_ray) and the workers poll (ray_trainer)."""
+    return f"{cfg.train.run_name}/{run_id}"
 
 
 def _watch_preemption(key: str | None) -> None:
@@ -159,11 +147,12 @@ def _forward_driver_preemption(key: str) -> None:
     preemption.install()  # after ray.init, which installs its own SIGTERM handler
 
     def forward() -> None:
-        preemption._requested.wait()
+        preemption.wait()
         log.warning("driver preempted (%s): asking the workers for a checkpoint", preemption.reason())
         internal_kv._internal_kv_put(key, b"1", overwrite=True, namespace=PREEMPT_NAMESPACE)
 
     threading.Thread(target=forward, name="preemption-forward", daemon=True).start()
+
 
 def _ray_worker(loop_config: dict) -> dict:
     """The function Ray Train runs in each worker; rank 0's summary becomes ``Result.return_value``."""
@@ -258,11 +247,10 @@ def ray_trainer(cfg: Config, run_id: str, callbacks: tuple = (), gpus_per_worker
 
     t = cfg.train
     filesystem, storage_path = storage.pyarrow_filesystem(t.checkpoint_dir)  # S3: same endpoint as boto3
-    preempt_key = f"{t.run_name}/{run_id}"  # the flag the driver sets on SIGTERM (run_ray)
     return TorchTrainer(
         _ray_worker,
         train_loop_config={"config": to_dict(cfg), "run_id": run_id, "run_dir": str(run_dir(cfg)),
-                           "preempt_key": preempt_key},
+                           "preempt_key": _preempt_key(cfg, run_id)},
         torch_config=_torch_config()(backend="nccl" if t.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=t.workers, use_gpu=t.use_gpu,
                                      resources_per_worker={"CPU": t.cpus_per_worker,
@@ -282,7 +270,7 @@ def fit_ray(cfg: Config, trainer, run_id: str, resumed: str | None) -> dict:
     try:
         result = trainer.fit()
     except Exception as e:  # TrainingFailedError wraps the worker's exception
-        _mark_failed(cfg, run_id)
+        tracking.mark_failed(cfg, run_id)
         cause = e
         while cause.__cause__ is not None:
             cause = cause.__cause__
@@ -292,7 +280,7 @@ def fit_ray(cfg: Config, trainer, run_id: str, resumed: str | None) -> dict:
     metrics = result.metrics or {}
     returned = getattr(result, "return_value", None) or {}
     if returned.get("status") == "error":
-        _mark_failed(cfg, run_id)
+        tracking.mark_failed(cfg, run_id)
         raise UnetDistError(returned["error"])
     if returned.get("status"):
         metrics = {**metrics, "status": returned["status"], "step": returned.get("steps")}
@@ -310,5 +298,5 @@ def run_ray(cfg: Config) -> dict:
     init_ray()
     multinode.check_ray_cluster(cfg)  # before the run exists: a store or folder one node lacks
     run_id, resumed = open_run(cfg, "ray", cfg.train.workers)
-    _forward_driver_preemption(f"{cfg.train.run_name}/{run_id}")
+    _forward_driver_preemption(_preempt_key(cfg, run_id))
     return fit_ray(cfg, ray_trainer(cfg, run_id), run_id, resumed)

@@ -59,6 +59,11 @@ def _during() -> str:
     return "" if _step[0] is None else f" during step {_step[0]}"
 
 
+def wait(timeout: float | None = None) -> bool:
+    """Block until a preemption is requested in this process (True) or ``timeout`` passes."""
+    return _requested.wait(timeout)
+
+
 def reason() -> str:
     return _reason[0] if _reason else ""
 
