@@ -170,16 +170,16 @@ def _ray_worker(loop_config: dict) -> dict:
 
     @contextlib.contextmanager
     def latest():
-        # Ray's controller registers reports lazily: after a crash the shared storage can hold
-        # newer complete checkpoints than the one it hands back, so take the newer of the two.
+        # Ray writes its checkpoints into the run directory, so the newest complete one there is at
+        # least as new as Ray's record (registered lazily: after a crash it can lag behind), and is
+        # read in place, under its own name, rather than downloaded to a temporary folder first.
         on_disk = checkpoint.find_latest(directory)
-        ckpt = ray.train.get_checkpoint()
+        ckpt = ray.train.get_checkpoint() if on_disk is None else None
         if ckpt is None:
             yield on_disk
             return
         with ckpt.as_directory() as d:
-            newer = on_disk is not None and checkpoint.read_meta(on_disk)["step"] > checkpoint.read_meta(Path(d))["step"]
-            yield on_disk if newer else Path(d)
+            yield Path(d)
 
     def node_drain() -> str | None:
         try:
