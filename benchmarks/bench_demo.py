@@ -60,7 +60,7 @@ def run_once(work: Path, shards: Path, name: str, overrides: list[str]) -> dict:
         raise SystemExit(f"{name}: exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     summary = json.loads(out.read_text())
     history = sorted((m.step, m.value) for m in MlflowClient(f"sqlite:///{db}").get_metric_history(
-        summary["mlflow_run_id"], "val_miou"))
+        summary["mlflow_run_id"], "val/miou"))
     steps, loop_s = int(summary["steps"]), float(summary["loop_s"])
     reached = next((step for step, v in history if v >= TARGET), None)
     return {"loop_s": loop_s, "wall_s": float(summary["wall_s"]), "final": float(summary["val_miou"]),
