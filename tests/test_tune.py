@@ -114,7 +114,7 @@ def test_a_trial_config_is_the_base_with_its_values_and_the_sweeps_placement(tmp
     assert (cfg.train.checkpoint_dir, cfg.train.run_name) == ("/x/trials", "abc_00001")
     assert cfg.train.checkpoint_every == 5, "a trial checkpoints (and reports to Tune) at each evaluation"
     assert cfg.mlflow.registered_model == "" and base.mlflow.registered_model == "keep"
-    assert isinstance(cfg, Config) and base.train.crop == [64, 128]
+    assert isinstance(cfg, Config) and base.train.crop == Config().train.crop != [32, 32]
 
 
 # ------------------------------------------------------------------------- real sweeps (slow)

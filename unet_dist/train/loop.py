@@ -26,6 +26,7 @@ from unet_dist.data.loader import Augment, to_device
 from unet_dist.data.stream import train_stream
 from unet_dist.errors import UnetDistError
 from unet_dist.evaluation import evaluate_model
+from unet_dist.losses import SegmentationLoss
 from unet_dist.model import UNet, margin, output_size
 from unet_dist.tracking import NullLogger, RunLogger
 from unet_dist.train import checkpoint, preemption
@@ -267,7 +268,7 @@ def prepare(run: Run) -> None:
         if ctx.world_size > 1 else run.model
     run.step_fn = torch.compile(run.net) if t.compile else run.net
     weight = class_weights(run.manifest).to(device) if t.class_weights else None
-    run.loss_fn = torch.nn.CrossEntropyLoss(weight=weight, ignore_index=labels.IGNORE)
+    run.loss_fn = SegmentationLoss(weight, dice=t.dice)
     run.dtype = amp_dtype(cfg, device)
     run.crop = label_crop(cfg)
     aug = run.aug = Augment(crop=run.crop, scale=tuple(t.scale), flip=t.flip,
