@@ -97,7 +97,7 @@ def main() -> None:
             for r in range(rounds):
                 for kind in (kinds if r % 2 == 0 else kinds[::-1]):
                     n += 1
-                    sets = [f"shards.dir={shards}", f"model.width={width}", f"train.steps={steps}",
+                    sets = [f"shards.dir={shards}", f"model.width={width}", "model.depth=5", f"train.steps={steps}",
                             f"train.log_every={every}", f"train.crop=[{crop[0]},{crop[1]}]", "train.eval_every=0",
                             "train.eval_batches=1", f"train.checkpoint_every={steps}",
                             f"train.checkpoint_dir={tmp}/ckpt", f"train.run_name=bench-{n}", f"train.workers={WORLD}",

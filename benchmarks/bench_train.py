@@ -74,7 +74,9 @@ def child_config(a):
     from unet_dist.config import load_config
 
     return load_config(None, [
-        f"shards.dir={a.shards}", f"model.width={a.width}", f"train.steps={a.steps}",
+        # depth, batch and scale pinned to what the tables say (the demo's defaults changed in issue 16)
+        f"shards.dir={a.shards}", f"model.width={a.width}", "model.depth=5", "train.batch_size=4",
+        "train.scale=[0.75,1.25]", f"train.steps={a.steps}",
         f"train.log_every={a.log_every}", f"train.crop=[{a.crop[0]},{a.crop[1]}]", "train.eval_every=0",
         "train.eval_batches=1", f"train.checkpoint_every={a.steps}", f"train.checkpoint_dir={a.tmp}",
         "train.loader_workers=1", "train.cpus_per_worker=1", "mlflow.log_model=false", "train.run_name=bench"])

@@ -1,6 +1,7 @@
 """Training losses. Cross-entropy scores pixels; mIoU, the metric we report, scores classes, so a
-rare class's few pixels count as much as the road's many. ``ce_dice`` adds a soft Dice term (one
-per class, averaged over the classes in the batch) that optimises that class-level overlap directly.
+rare class's few pixels count as much as the road's many. ``train.dice`` > 0 adds a soft Dice term
+(one per class, averaged over the classes in the batch) that optimises that class-level overlap
+directly; on the demo it adds ~0.02-0.03 val mIoU at the same step (docs/input_pipeline.md).
 """
 from __future__ import annotations
 
