@@ -72,7 +72,8 @@ def one(shards: Path, work: Path, name: str, sets: list[str]) -> tuple[float, fl
     text = log.read_text()
     in_rank = float(re.search(r"published ([\d.]+) s after the request", text).group(1))
     rates = [float(r) for r in re.findall(r"step \d+/1000 loss \S+ lr \S+ ([\d.]+) img/s", text)[1:]]
-    batch = 2 * int(next((s.split("=")[1] for s in sets if s.startswith("train.batch_size=")), Config().train.batch_size))
+    per_rank = next((s.split("=")[1] for s in sets if s.startswith("train.batch_size=")), Config().train.batch_size)
+    batch = 2 * int(per_rank)
     step_s = C.median([batch / r for r in rates]) if rates else float("nan")
     return total, in_rank, step_s
 
