@@ -1,14 +1,28 @@
 """The training loss: class-weighted cross-entropy, plus a soft Dice term that scores classes the way
 mIoU does. Pixels labelled IGNORE count in neither."""
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from unet_dist.errors import UnetDistError
+from unet_dist import labels
 from unet_dist.labels import IGNORE
-from unet_dist.losses import SegmentationLoss, soft_dice
+from unet_dist.losses import SegmentationLoss, class_weights, soft_dice
 
 N = 5
+
+
+def test_class_weights_favour_rare_classes_and_average_one_over_present_classes():
+    counts = [0] * labels.NUM_CLASSES
+    counts[0], counts[1], counts[2] = 1_000_000, 10_000, 100
+    w = class_weights({"class_pixels": {"train": counts + [555]}})  # the ignore count is left out
+    assert w.shape == (labels.NUM_CLASSES,) and w.dtype == torch.float32
+    assert w[2] > w[1] > w[0]
+    assert float(w[:3].mean()) == pytest.approx(1.0)
+    p = np.array(counts[:3]) / sum(counts)
+    raw = 1 / np.log(1.02 + p)
+    assert w[:3].numpy() == pytest.approx(raw / raw.mean(), rel=1e-6)
 
 
 def _batch(seed=0):

@@ -5,7 +5,6 @@ import contextlib
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -16,7 +15,7 @@ from unet_dist.data.loader import Augment, to_device
 from unet_dist.data.stream import train_stream
 from unet_dist.synth import write_dataset
 from unet_dist.train import checkpoint
-from unet_dist.train.loop import Context, class_weights, lr_lambda, make_optimizer, train
+from unet_dist.train.loop import Context, lr_lambda, make_optimizer, train
 
 
 def cfg_with(*overrides: str):
@@ -31,18 +30,6 @@ def test_lr_warms_up_linearly_then_follows_the_schedule(schedule, end):
     assert f(110) == pytest.approx(end, abs=1e-12) and f(500) == pytest.approx(end, abs=1e-12)
     halfway = {"cosine": 0.5, "poly": 0.5 ** 0.9, "constant": 1.0}[schedule]
     assert f(60) == pytest.approx(halfway)
-
-
-def test_class_weights_favour_rare_classes_and_average_one_over_present_classes():
-    counts = [0] * labels.NUM_CLASSES
-    counts[0], counts[1], counts[2] = 1_000_000, 10_000, 100
-    w = class_weights({"class_pixels": {"train": counts + [555]}})  # the ignore count is left out
-    assert w.shape == (labels.NUM_CLASSES,) and w.dtype == torch.float32
-    assert w[2] > w[1] > w[0]
-    assert float(w[:3].mean()) == pytest.approx(1.0)
-    p = np.array(counts[:3]) / sum(counts)
-    raw = 1 / np.log(1.02 + p)
-    assert w[:3].numpy() == pytest.approx(raw / raw.mean(), rel=1e-6)
 
 
 def test_make_optimizer_builds_sgd_with_momentum_or_adamw():

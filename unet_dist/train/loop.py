@@ -19,14 +19,13 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from unet_dist import labels
 from unet_dist.config import Config
 from unet_dist.data import shards
 from unet_dist.data.loader import Augment, to_device
 from unet_dist.data.stream import train_stream
 from unet_dist.errors import UnetDistError
 from unet_dist.evaluation import evaluate_model
-from unet_dist.losses import SegmentationLoss
+from unet_dist.losses import SegmentationLoss, class_weights
 from unet_dist.model import UNet, margin, output_size
 from unet_dist.tracking import NullLogger, RunLogger
 from unet_dist.train import checkpoint, preemption
@@ -90,14 +89,6 @@ def make_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer
     if t.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
     return torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-
-
-def class_weights(manifest: dict) -> torch.Tensor:
-    """Weights 1 / ln(1.02 + p_c) from the train pixel histogram (rare classes weigh more, bounded)."""
-    counts = np.asarray(manifest["class_pixels"]["train"][: labels.NUM_CLASSES], dtype=np.float64)
-    p = counts / max(1.0, counts.sum())
-    w = 1.0 / np.log(1.02 + p)
-    return torch.tensor(w / w[counts > 0].mean() if (counts > 0).any() else w, dtype=torch.float32)
 
 
 def label_crop(cfg: Config) -> tuple[int, int]:
