@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from unet_dist.errors import UnetDistError
 from unet_dist import labels
+from unet_dist.errors import UnetDistError
 from unet_dist.labels import IGNORE
 from unet_dist.losses import SegmentationLoss, class_weights, soft_dice
 

@@ -343,7 +343,7 @@ def _optimizer_step(run: Run) -> int | None:
         sync = contextlib.nullcontext() if micro == t.accumulation - 1 or ctx.world_size == 1 else run.net.no_sync()
         with sync, torch.autocast(device.type, dtype=run.dtype or torch.float32, enabled=run.dtype is not None):
             logits = run.step_fn(images)
-            loss = run.loss_fn(logits.float(), target) / t.accumulation
+            loss = run.loss_fn(logits, target) / t.accumulation  # the loss works in fp32
         loss.backward()
         step_loss = loss.detach() if micro == 0 else step_loss + loss.detach()
     w.loss_sum = w.loss_sum + step_loss
