@@ -84,3 +84,12 @@ def test_dice_term_gradients_flow_to_every_logit_of_labelled_pixels():
 def test_a_negative_dice_weight_is_refused_naming_the_key():
     with pytest.raises(UnetDistError, match=r"train\.dice must be >= 0"):
         SegmentationLoss(dice=-0.5)
+
+
+def test_a_negative_dice_weight_stops_the_job_in_preflight_before_anything_starts(tmp_path):
+    from unet_dist.config import load_config
+    from unet_dist.train.launch import preflight
+
+    cfg = load_config(None, ["train.dice=-1", f"shards.dir={tmp_path / 'none'}"])  # no shards: dice is checked first
+    with pytest.raises(UnetDistError, match=r"^train\.dice must be >= 0 .* got -1\.0$"):
+        preflight(cfg)

@@ -21,14 +21,19 @@ def class_weights(manifest: dict) -> torch.Tensor:
     return torch.tensor(w / w[counts > 0].mean() if (counts > 0).any() else w, dtype=torch.float32)
 
 
+def check_dice(dice: float) -> None:
+    """``train.dice`` is a weight: the launchers call this before any worker starts."""
+    if dice < 0:
+        raise UnetDistError(f"train.dice must be >= 0 (the weight of the Dice term), got {dice}")
+
+
 class SegmentationLoss(torch.nn.Module):
     """Cross-entropy (optionally class-weighted), plus ``dice`` x (1 - mean soft Dice) when ``dice`` > 0.
     Pixels labelled ``labels.IGNORE`` count in neither term. One log-softmax serves both terms."""
 
     def __init__(self, weight: torch.Tensor | None = None, dice: float = 0.0, eps: float = 1.0):
         super().__init__()
-        if dice < 0:
-            raise UnetDistError(f"train.dice must be >= 0 (the weight of the Dice term), got {dice}")
+        check_dice(dice)
         self.register_buffer("weight", weight)
         self.dice, self.eps = dice, eps
 

@@ -12,7 +12,7 @@ import logging
 import os
 from pathlib import Path
 
-from unet_dist import storage, tracking
+from unet_dist import losses, storage, tracking
 from unet_dist.config import Config, from_dict, to_dict
 from unet_dist.data import shards
 from unet_dist.distributed import init_torchrun_group, pin_interface
@@ -43,6 +43,7 @@ def preflight(cfg: Config) -> None:
     lists shards that are there with their sizes, and the checkpoint this job would resume was made
     for this model, and the MLflow server accepts our login. (Shard hashes are checked by rank 0
     before the first step.)"""
+    losses.check_dice(cfg.train.dice)
     storage.check(cfg.train.checkpoint_dir)
     manifest = shards.load_manifest(cfg.shards.dir)
     for split in ("train", "val"):
