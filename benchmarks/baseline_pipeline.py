@@ -11,7 +11,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from unet_dist.data.loader import Augment, normalize
+from unet_dist.data.augment import Augment
+from unet_dist.data.decode import normalize
 from unet_dist.errors import UnetDistError
 from unet_dist.labels import IGNORE
 

@@ -101,13 +101,14 @@ def main() -> None:
 
     import baseline_pipeline as BP
     from unet_dist.config import TrainConfig
-    from unet_dist.data import loader as L
+    from unet_dist.data import augment as A
+    from unet_dist.data import decode as D
     from unet_dist.data import shards as sh
     from unet_dist.data.stream import augment_rng, train_stream
 
     torch.set_num_threads(1)
     tc = TrainConfig()
-    aug = L.Augment(crop=tuple(tc.crop), scale=tuple(tc.scale), flip=tc.flip)
+    aug = A.Augment(crop=tuple(tc.crop), scale=tuple(tc.scale), flip=tc.flip)
     bs = tc.batch_size
     cpu = torch.device("cpu")
     urls = sh.shard_paths(shards_dir, sh.load_manifest(shards_dir), "train")
@@ -117,7 +118,7 @@ def main() -> None:
         n = 0
         t0, c0 = time.perf_counter(), time.process_time()
         for s in wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples()):
-            L.decode_sample(s)
+            D.decode_sample(s)
             n += 1
         return n / (time.perf_counter() - t0), n / (time.process_time() - c0)
 
@@ -126,13 +127,16 @@ def main() -> None:
                                     pin_memory=False)
 
     def on_device(batch):  # a CPU-only rank pays the augment + normalise itself
-        L.to_device(batch, aug, cpu)
+        A.to_device(batch, aug, cpu)
+
+    def collate(batch):  # stack tensors, list the rest
+        return tuple(torch.stack(x) if isinstance(x[0], torch.Tensor) else list(x) for x in zip(*batch))
 
     def baseline(workers: int):
         ds = FolderDataset(folder, aug)
         sampler = torch.utils.data.RandomSampler(ds, replacement=True, num_samples=10**9)
         return lambda: torch.utils.data.DataLoader(ds, batch_size=bs, sampler=sampler, num_workers=workers,
-                                                   collate_fn=L._collate, worker_init_fn=S.seed_numpy,
+                                                   collate_fn=collate, worker_init_fn=S.seed_numpy,
                                                    persistent_workers=workers > 0, drop_last=True)
 
     workers = (0, 1, 2)
@@ -168,27 +172,27 @@ def main() -> None:
     raw = list(wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples()))
     per = lambda secs: [s / len(raw) * 1e6 for s in secs]  # noqa: E731
     np.random.seed(0)
-    shipped = [L._train_sample(aug, s, augment_rng(0, 0, s["__key__"])) for s in raw]
+    shipped = [A.train_sample(aug, s, augment_rng(0, 0, s["__key__"])) for s in raw]
     p = C.Table("Per sample, in the main process (CPU time)", "µs", higher_is_better=False,
                 baseline="today's pipeline (decode, CPU augment, float32)")
     p.add("today's pipeline (decode, CPU augment, float32)",
           per(C.cpu_timed(lambda: [BP.train_sample(aug, s) for s in raw], args.repeats)))
     p.add("loader worker: draw window, decode under it, uint8",
-          per(C.cpu_timed(lambda: [L._train_sample(aug, s, augment_rng(0, 0, s["__key__"])) for s in raw],
+          per(C.cpu_timed(lambda: [A.train_sample(aug, s, augment_rng(0, 0, s["__key__"])) for s in raw],
                           args.repeats)))
     p.add("to_device on the CPU: resample, pad, flip, normalise",
-          per(C.cpu_timed(lambda: [L.to_device(L._train_collate([b]), aug, cpu) for b in shipped], args.repeats)))
+          per(C.cpu_timed(lambda: [A.to_device(A.train_collate([b]), aug, cpu) for b in shipped], args.repeats)))
     p.print()
 
     # ---- the Cityscapes size: photo encodings, the loader worker process, workers per GPU
     size = (1024, 2048)
-    big_aug = L.Augment(crop=(512, 1024), scale=(0.5, 2.0), flip=True)  # jobs/configs/cityscapes.yaml
+    big_aug = A.Augment(crop=(512, 1024), scale=(0.5, 2.0), flip=True)  # jobs/configs/cityscapes.yaml
     if args.quick:
-        size, big_aug = (256, 512), L.Augment(crop=(128, 256), scale=(0.5, 2.0), flip=True)
+        size, big_aug = (256, 512), A.Augment(crop=(128, 256), scale=(0.5, 2.0), flip=True)
     tars = {name: S.scene_tar(cache, n_city, size, enc, q, tile) for name, enc, q, tile in ENCODINGS}
     samples = {name: list(wds.DataPipeline(wds.SimpleShardList([str(p)]), wds.tarfile_to_samples()))
                for name, p in tars.items()}
-    png = [L.decode_sample(s)[0] for s in samples[ENCODINGS[0][0]]]
+    png = [D.decode_sample(s)[0] for s in samples[ENCODINGS[0][0]]]
     cost: dict[str, list[float]] = {"today": []}
     for _ in range(args.repeats):  # rounds; CPU seconds of this process (the per-core cost)
         np.random.seed(0)
@@ -200,7 +204,7 @@ def main() -> None:
             np.random.seed(0)
             c0 = time.process_time()
             for s in ss:
-                L._train_sample(big_aug, s, augment_rng(0, 0, s["__key__"]))
+                A.train_sample(big_aug, s, augment_rng(0, 0, s["__key__"]))
             cost.setdefault(name, []).append((time.process_time() - c0) / n_city * 1e3)
     g = C.Table(f"One {size[0]}x{size[1]} sample -> {big_aug.crop[0]}x{big_aug.crop[1]} crop, scale 0.5..2.0: "
                 "loader CPU time on this machine's core, by photo encoding", "ms per sample",
@@ -209,7 +213,7 @@ def main() -> None:
     for name, *_ in ENCODINGS:
         ss = samples[name]
         photo_bytes = np.mean([sum(len(v) for k, v in s.items() if k.startswith("image.")) for s in ss])
-        dec = [L.decode_sample(s)[0] for s in ss]
+        dec = [D.decode_sample(s)[0] for s in ss]
         d = np.concatenate([(a.astype(np.int16) - b).ravel() for a, b in zip(dec, png)])
         mse = float((d.astype(np.float64) ** 2).mean())
         quality = "lossless" if mse == 0 else f"PSNR {10 * np.log10(255**2 / mse):.1f} dB, mean abs error " \

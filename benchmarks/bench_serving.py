@@ -81,7 +81,7 @@ def main() -> None:
     import pandas as pd
     import torch
 
-    from unet_dist import serve
+    from unet_dist.serving import model_log
     from unet_dist.config import load_config
     from unet_dist.model import UNet
 
@@ -96,7 +96,7 @@ def main() -> None:
         mlflow.set_tracking_uri(tracking)
         mlflow.set_experiment("bench-serving")
         with mlflow.start_run():
-            uri = serve.log_model(UNet.from_config(cfg.model), cfg, (h, w))
+            uri = model_log.log_model(UNet.from_config(cfg.model), cfg, (h, w))
         local = mlflow.pyfunc.load_model(uri)
         proc, url = start_server(uri, tracking, Path(tmp))
         try:

@@ -68,7 +68,7 @@ def main() -> None:
 
         from unet_dist import storage
         from unet_dist.config import TrainConfig
-        from unet_dist.data import loader as L
+        from unet_dist.data import augment as A
         from unet_dist.data import shards as sh
         from unet_dist.data.stream import train_stream
 
@@ -80,7 +80,7 @@ def main() -> None:
             if not name.startswith("."):
                 storage.write_bytes(storage.join(remote, name), (Path(shards_dir) / name).read_bytes())
         tc = TrainConfig()
-        aug = L.Augment(crop=tuple(tc.crop), scale=tuple(tc.scale), flip=tc.flip)
+        aug = A.Augment(crop=tuple(tc.crop), scale=tuple(tc.scale), flip=tc.flip)
         urls = {"local": sh.shard_paths(shards_dir, sh.load_manifest(shards_dir), "train"),
                 "s3": sh.shard_paths(remote, sh.load_manifest(remote), "train")}
 

@@ -119,7 +119,7 @@ def run_bare(cfg, a, peak: RssPeak) -> tuple[list[float], int]:
     import torch
 
     from unet_dist import labels
-    from unet_dist.data import loader as L
+    from unet_dist.data import augment as A
     from unet_dist.data import shards as sh
     from unet_dist.data.stream import train_stream
     from unet_dist.model import UNet
@@ -134,13 +134,13 @@ def run_bare(cfg, a, peak: RssPeak) -> tuple[list[float], int]:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     loss_fn = torch.nn.CrossEntropyLoss(ignore_index=labels.IGNORE)
     urls = sh.shard_paths(cfg.shards.dir, sh.load_manifest(cfg.shards.dir), "train")
-    aug = L.Augment(tuple(t.crop), tuple(t.scale), t.flip)
+    aug = A.Augment(tuple(t.crop), tuple(t.scale), t.flip)
     batches = iter(train_stream(urls, aug, t.batch_size, rank=0, world=1, seed=t.seed, start=0,
                                 workers=t.loader_workers, pin_memory=False, prefetch=cfg.shards.prefetch))
     model.train()
     windows, t0, c0 = [], time.perf_counter(), time.process_time()
     for step in range(1, t.steps + 1):
-        images, target = L.to_device(next(batches), aug, torch.device("cpu"))
+        images, target = A.to_device(next(batches), aug, torch.device("cpu"))
         loss = loss_fn(model(images), target)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)

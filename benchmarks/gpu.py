@@ -170,7 +170,7 @@ def fed_by_loader(args, size, steps, comp, cache, dev) -> dict:
     import loader_sizing as S
     from unet_dist import labels
     from unet_dist.config import load_config
-    from unet_dist.data import loader as L
+    from unet_dist.data import augment as A
     from unet_dist.data.stream import train_stream
     from unet_dist.model import UNet
 
@@ -180,7 +180,7 @@ def fed_by_loader(args, size, steps, comp, cache, dev) -> dict:
     tile = tuple(enc.photo_tile) if enc.photo_tile else None
     src = (512, 1024) if args.quick else (1024, 2048)
     url = S.scene_tar(cache, 8 if args.quick else 32, src, enc.photo_encoding, enc.jpeg_quality, tile)
-    aug = L.Augment(crop=size, scale=tuple(city.train.scale), flip=city.train.flip)
+    aug = A.Augment(crop=size, scale=tuple(city.train.scale), flip=city.train.flip)
     torch.manual_seed(0)
     model = UNet(3, 19, 64, 5, "same", True).to(dev).to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -190,7 +190,7 @@ def fed_by_loader(args, size, steps, comp, cache, dev) -> dict:
                           pin_memory=dev.type == "cuda", prefetch=enc.prefetch)
     it = iter(loader)
     for _ in range(5):
-        step(*L.to_device(next(it), aug, dev, channels_last=True))
+        step(*A.to_device(next(it), aug, dev, channels_last=True))
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     sync()
     kids = psutil.Process().children()
@@ -199,7 +199,7 @@ def fed_by_loader(args, size, steps, comp, cache, dev) -> dict:
     for _ in range(args.repeats):
         t0 = time.perf_counter()
         for _ in range(steps):
-            step(*L.to_device(next(it), aug, dev, channels_last=True))
+            step(*A.to_device(next(it), aug, dev, channels_last=True))
         sync()
         rates.append(steps * args.batch / (time.perf_counter() - t0))
     cpu = sum(k.cpu_times().user + k.cpu_times().system for k in kids) - cpu0

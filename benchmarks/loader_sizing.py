@@ -146,7 +146,7 @@ def main() -> None:
 
     from unet_dist.config import load_config
     from unet_dist.data import shards as sh
-    from unet_dist.data.loader import Augment
+    from unet_dist.data.augment import Augment
     from unet_dist.model import margin
     from unet_dist.train.loop import label_crop
 

@@ -104,7 +104,7 @@ def test_fast_normalize_and_colour_codes_equal_the_plain_formulas():
     import numpy as np
     import torch
 
-    from unet_dist.data.loader import MEAN, STD, normalize
+    from unet_dist.data.decode import MEAN, STD, normalize
     from unet_dist.data.quantize import color_codes, lookup
 
     rng = np.random.default_rng(1)

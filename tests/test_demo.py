@@ -9,7 +9,7 @@ from mlflow.tracking import MlflowClient
 from conftest import clean_env, run
 from unet_dist.config import Config
 from unet_dist.data import shards
-from unet_dist.evaluation import evaluate_model
+from unet_dist.scoring import evaluate_model
 from unet_dist.model import UNet
 
 pytestmark = pytest.mark.slow  # the whole demo: Ray Train workers and an MLflow store

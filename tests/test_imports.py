@@ -70,7 +70,75 @@ def test_cycle_finder_reports_a_cycle_through_three_modules():
 
 def test_unet_dist_has_no_import_cycle():
     graph = import_graph()
-    assert {"unet_dist.train.loop", "unet_dist.evaluation"} <= graph.keys()
-    assert "unet_dist.evaluation" in graph["unet_dist.train.loop"]  # the graph sees real edges
+    assert {"unet_dist.train.loop", "unet_dist.scoring"} <= graph.keys()
+    assert "unet_dist.scoring" in graph["unet_dist.train.loop"]  # the graph sees real edges
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+# Lowest first. A module belongs to the most specific entry naming it or a package above it; an import
+# may point to its own layer or below, never up (a new module must be given a place here).
+LAYERS = [
+    ["unet_dist", "unet_dist.errors", "unet_dist.config", "unet_dist.labels", "unet_dist.files", "unet_dist.encoding",
+     "unet_dist.storage", "unet_dist.distributed", "unet_dist.cli"],
+    ["unet_dist.data", "unet_dist.synth", "unet_dist.preprocess", "unet_dist.metrics", "unet_dist.viz", "unet_dist.losses"],
+    ["unet_dist.checkpoint", "unet_dist.train.checkpoint"],  # checkpoint file I/O (leaving train/ for checkpoint/)
+    ["unet_dist.model", "unet_dist.segment", "unet_dist.scoring"],
+    ["unet_dist.serving", "unet_dist.serve"],
+    ["unet_dist.tracking"],
+    ["unet_dist.train", "unet_dist.sweep", "unet_dist.tune"],
+    ["unet_dist.evaluate", "unet_dist.predict", "unet_dist.demo", "unet_dist.train.cli", "unet_dist.train.__main__",
+     "unet_dist.synth.cli", "unet_dist.synth.__main__"],
+]
+
+
+def layer_of(module: str) -> int | None:
+    matches = [(len(name), i) for i, names in enumerate(LAYERS) for name in names
+               if module == name or (name != "unet_dist" and module.startswith(name + "."))]
+    return max(matches)[1] if matches else None
+
+
+def test_layers_point_down_from_commands_to_training_tracking_serving_models_checkpoints_data():
+    graph = import_graph()
+    assert layer_of("unet_dist.train.cli") > layer_of("unet_dist.train.loop") > layer_of("unet_dist.serving.pyfunc")
+    unplaced = sorted(m for m in graph if layer_of(m) is None)
+    assert not unplaced, f"give these modules a layer in LAYERS: {unplaced}"
+    up = sorted(f"{a} -> {b}" for a, targets in graph.items() for b in targets if layer_of(b) > layer_of(a))
+    assert not up, "imports that point up a layer: " + "; ".join(up)
+
+
+def private_uses(source: str, modules: set[str], where: str = "<source>") -> list[str]:
+    """Private names (``_x``, not dunders) this source takes from another ``unet_dist`` module: by
+    ``from unet_dist.m import _x``, or as ``m._x`` on a module it imported."""
+    private = lambda name: name.startswith("_") and not name.startswith("__")  # noqa: E731
+    tree = ast.parse(source, where)
+    found, aliases = [], set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("unet_dist"):
+            for a in node.names:
+                if f"{node.module}.{a.name}" in modules:
+                    aliases.add(a.asname or a.name)
+                elif private(a.name):
+                    found.append(f"{where}:{node.lineno} imports {node.module}.{a.name}")
+        elif isinstance(node, ast.Import):
+            aliases |= {a.asname for a in node.names if a.name.startswith("unet_dist") and a.asname}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases \
+                and private(node.attr):
+            found.append(f"{where}:{node.lineno} uses {node.value.id}.{node.attr}")
+    return found
+
+
+def test_private_name_finder_sees_imports_and_attribute_uses():
+    modules = {"unet_dist.config", "unet_dist.data.loader"}
+    source = ("from unet_dist.config import _apply, load_config\nfrom unet_dist import __version__\n"
+              "from unet_dist.data import loader as L\nL._train_sample()\nL.to_device()\n")
+    assert private_uses(source, modules) == ["<source>:1 imports unet_dist.config._apply",
+                                             "<source>:4 uses L._train_sample"]
+
+
+def test_no_module_uses_another_modules_private_names():
+    paths = {module_name(p): p for p in ROOT.rglob("*.py")}
+    found = [f for name, path in sorted(paths.items())
+             for f in private_uses(path.read_text(), set(paths), str(path.relative_to(ROOT.parent)))]
+    assert not found, "make these public (or move the code that needs them): " + "; ".join(found)

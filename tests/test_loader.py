@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 from unet_dist.data import shards as sh
-from unet_dist.data.loader import (MEAN, STD, Augment, _train_collate, _train_sample, decode_label, decode_photo,
-                                   decode_sample, normalize, to_device)
+from unet_dist.data.augment import Augment, to_device, train_collate, train_sample
+from unet_dist.data.decode import MEAN, STD, decode_label, decode_photo, decode_sample, normalize
 from unet_dist.labels import IGNORE, train_id_palette
 
 PALETTE = train_id_palette().astype(np.int32)
@@ -29,7 +29,7 @@ def sample_of(photo, label, encoding="png", tile=None, quality=95):
 
 def augmented(samples, aug, seed=0):
     np.random.seed(seed)
-    batch = _train_collate([_train_sample(aug, s) for s in samples])
+    batch = train_collate([train_sample(aug, s) for s in samples])
     assert all(p.dtype == torch.uint8 for p in batch[0]) and all(lab.dtype == torch.uint8 for lab in batch[1])
     return to_device(batch, aug, torch.device("cpu"))
 

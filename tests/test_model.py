@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from unet_dist.config import ModelConfig
-from unet_dist.inference import predict_logits
+from unet_dist.segment import predict_logits
 from unet_dist.model import UNet, margin, mirror_pad, output_size, valid_input_size
 
 

@@ -270,7 +270,7 @@ def test_manifest_helpers_name_a_missing_manifest_or_corrupt_shard(pairs, tmp_pa
 
 
 def test_jpeg_tile_encoding_is_recorded_with_its_pixel_error_and_labels_stay_exact(cityscapes, tmp_path):
-    from unet_dist.data.loader import decode_sample
+    from unet_dist.data.decode import decode_sample
 
     png, jpeg = tmp_path / "png", tmp_path / "jpeg"
     run(_cfg(cityscapes, png, "data.layout=cityscapes", "data.label_source=labelIds", "shards.photo_encoding=png"))

@@ -523,11 +523,11 @@ def test_package_writes_no_pickles_and_loads_only_with_weights_only():
     loads = [(f, call) for f, s in sources.items() for call in re.findall(r"torch\.load\(([^)]*)\)", s)]
     assert loads and all("weights_only=True" in call for _, call in loads), loads
     savers = {f for f, s in sources.items() if "torch.save(" in s}
-    assert savers == {"unet_dist/train/checkpoint.py", "unet_dist/serve.py"}, "torch.save only for state dicts"
+    assert savers == {"unet_dist/train/checkpoint.py", "unet_dist/serving/model_log.py"}, "torch.save only for state dicts"
     log_model = [(f, call) for f, s in sources.items()
                  for call in re.findall(r"mlflow\.\w+\.log_model\((.*?)\n\s*\)", s, re.S)]
     # The served model is "models from code": MLflow keeps a source file, never a pickled object.
-    assert log_model and all('python_model=str(Path(__file__).with_name("serving_model.py"))' in call
+    assert log_model and all('python_model=str(Path(__file__).with_name("logged_code.py"))' in call
                              for _, call in log_model), log_model
 
 

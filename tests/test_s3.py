@@ -116,7 +116,7 @@ def test_training_stream_from_s3_yields_the_batches_of_the_local_shards(data, s3
     import torch
 
     from unet_dist.data import shards
-    from unet_dist.data.loader import Augment
+    from unet_dist.data.augment import Augment
     from unet_dist.data.stream import index_shards, train_stream
 
     aug = Augment(crop=(16, 24), scale=(0.75, 1.25), flip=True)

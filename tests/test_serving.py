@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 from conftest import BIN, clean_env, free_port, run
-from unet_dist.serve import BadRequest, decode_batch, decode_image
+from unet_dist.serving.pyfunc import BadRequest, decode_batch, decode_image
 
 MAX_PIXELS = 200_000  # the server's limit in these tests: 256x512 fits, 500x500 does not
 SIZES = [(128, 128), (256, 512)]
@@ -163,7 +163,7 @@ def test_logged_model_holds_no_pickles_and_its_weights_load_tensor_only(served):
 
     local = mlflow.artifacts.download_artifacts(served["uri"], tracking_uri=served["tracking_uri"])
     files = {p.relative_to(local).as_posix() for p in Path(local).rglob("*") if p.is_file()}
-    assert {"serving_model.py", "artifacts/weights.pt", "artifacts/unet_config.json",
+    assert {"logged_code.py", "artifacts/weights.pt", "artifacts/unet_config.json",
             "artifacts/preprocessing.json", "artifacts/labels.json", "serving_input_example.json"} <= files
     assert not any(f.endswith((".pkl", ".pickle")) for f in files), files
     state = torch.load(f"{local}/artifacts/weights.pt", weights_only=True)
@@ -188,3 +188,21 @@ def test_oversized_photo_is_refused_from_its_header_and_grayscale_reads_as_rgb()
         decode_batch([{"image": big, "pixels": [[[0, 0, 0]]]}], max_pixels=10**6, max_batch=4)
     with pytest.raises(BadRequest, match="batch of 5 photos is over the limit of 4"):
         decode_batch([{"pixels": [[[0, 0, 0]]]}] * 5, max_pixels=10**6, max_batch=4)
+
+
+def test_a_model_logged_before_the_serving_package_still_builds_its_pyfunc(tmp_path):
+    """Models logged before unet_dist/serving/ keep a `serving_model.py` that imports unet_dist.serve;
+    MLflow runs that file when it loads them."""
+    import runpy
+
+    import mlflow.models.model as mlflow_model
+
+    from unet_dist.serving.pyfunc import PhotoSegmenter
+
+    old = tmp_path / "serving_model.py"
+    old.write_text("import mlflow\n\nfrom unet_dist.serve import PhotoSegmenter\n\nmlflow.models.set_model(PhotoSegmenter())\n")
+    try:
+        runpy.run_path(str(old))
+        assert isinstance(mlflow_model.__mlflow_model__, PhotoSegmenter)
+    finally:
+        mlflow_model.__mlflow_model__ = None

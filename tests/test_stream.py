@@ -13,7 +13,7 @@ import torch
 from unet_dist import preprocess
 from unet_dist.config import load_config
 from unet_dist.data import shards
-from unet_dist.data.loader import Augment, to_device
+from unet_dist.data.augment import Augment, to_device
 from unet_dist.data.stream import StreamSpec, index_shards, positions, train_stream
 from unet_dist.synth import write_dataset
 from unet_dist.train import preemption

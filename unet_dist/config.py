@@ -250,3 +250,15 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> Config:
     return load_config(args.config, args.overrides)
+
+
+# The config's own reading rules, for other files read the same way (the sweep file, a sweep's values).
+def apply_mapping(obj: Any, data: dict, origin: str) -> None:
+    """Set a nested mapping on a config dataclass, or another dataclass read like one: unknown keys and
+    values of the wrong type are errors naming the key and ``origin``."""
+    _apply(obj, data, origin)
+
+
+def set_key(cfg: Config, dotted: str, value: Any, origin: str) -> None:
+    """Set one dotted key (``train.lr``) with the same checks, as ``--set`` does."""
+    _apply(cfg, _nest(dotted, value), origin)

@@ -49,9 +49,9 @@ def main(argv: list[str] | None = None) -> None:
         from unet_dist import preprocess
         from unet_dist.data import shards
         from unet_dist.synth import write_dataset
-        from unet_dist.evaluation import evaluate_model, format_table
+        from unet_dist.scoring import evaluate_model, format_table
         from unet_dist.tracking import log_to_run
-        from unet_dist.model_io import load_model
+        from unet_dist.serving.loading import load_model
         from unet_dist.train import launch
         from unet_dist.train.cli import summary_lines
 

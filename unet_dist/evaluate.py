@@ -2,7 +2,7 @@
 
 ``python -m unet_dist.evaluate --model M --shards DIR`` with M a checkpoint directory (or a run
 directory: its latest checkpoint), ``runs:/<id>/model`` or ``models:/<name>/<version>``. Under
-torchrun each rank scores a share of the samples (see :mod:`unet_dist.evaluation`).
+torchrun each rank scores a share of the samples (see :mod:`unet_dist.scoring`).
 """
 from __future__ import annotations
 
@@ -34,8 +34,8 @@ def main(argv: list[str] | None = None) -> None:
 
         from unet_dist.data import shards
         from unet_dist.distributed import init_torchrun_group, under_torchrun
-        from unet_dist.evaluation import evaluate_model, format_table
-        from unet_dist.model_io import load_model
+        from unet_dist.scoring import evaluate_model, format_table
+        from unet_dist.serving.loading import load_model
 
         rank, world = 0, 1
         if under_torchrun():  # each rank scores a share; the confusion matrices are summed

@@ -5,7 +5,7 @@ Two padding modes:
 - ``valid`` (the paper): unpadded 3x3 convs, every conv loses one pixel per side, skips are centre-cropped
   before the concat. 572x572 -> 388x388 at depth 5; each side loses ``margin(depth)`` pixels (92). Only
   some input sizes keep every pooled map integral (``16k + 12`` at depth 5): other sizes are refused,
-  since floor-pooling would shift the crop by half a pixel. ``unet_dist.inference`` mirror-pads and tiles
+  since floor-pooling would shift the crop by half a pixel. ``unet_dist.segment`` mirror-pads and tiles
   so any image gets a full-size prediction.
 - ``same``: padding=1 convs, output size == input size for ANY input size. Sizes that do not divide by
   ``2 ** (depth - 1)`` are mirror-padded (reflect) up to the next multiple inside ``forward`` and the
@@ -212,7 +212,7 @@ class UNet(nn.Module):
                     near = ", ".join(str(s) for s in (below, above) if s is not None)
                     raise ValueError(
                         f"valid U-Net (depth {self.depth}) got input {h}x{w}: each side must be a valid size, "
-                        f"near {side}: {near}; unet_dist.inference pads any image"
+                        f"near {side}: {near}; unet_dist.segment pads any image"
                     ) from None
         else:
             mult = 2 ** (self.depth - 1)

@@ -16,7 +16,7 @@ from PIL import Image, UnidentifiedImageError
 
 from unet_dist.cli import run_main
 from unet_dist.errors import UnetDistError
-from unet_dist.inference import segment
+from unet_dist.segment import segment
 from unet_dist.labels import colorize
 from unet_dist.viz import overlay
 
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     def run() -> None:
-        from unet_dist.model_io import load_model
+        from unet_dist.serving.loading import load_model
 
         inputs = list_inputs(Path(args.input))
         model, _ = load_model(args.model, args.device)

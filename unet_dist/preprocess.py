@@ -37,7 +37,7 @@ from unet_dist import files
 from unet_dist import storage
 from unet_dist.data import shards as sh
 from unet_dist.data.quantize import Quantizer, fit_quantizer, lookup, sample_mask_pixels
-from unet_dist.data.sources import SPLITS, BadInput, Sample, list_samples, load_sample
+from unet_dist.data.sources import SPLITS, BadInput, RawSample as Sample, list_samples, load_sample
 from unet_dist.errors import UnetDistError
 from unet_dist.labels import IGNORE, NUM_CLASSES, id_to_train_id_lut
 
@@ -221,7 +221,7 @@ def _unit_task(unit: Unit) -> dict:
 
 def _add_photo_error(acc: list, rgb: np.ndarray, members: list[tuple[str, bytes]]) -> None:
     """Add the stored photo's pixel error against the source pixels (what a lossless PNG keeps)."""
-    from unet_dist.data.loader import decode_photo  # the loader's own decoder: what training sees
+    from unet_dist.data.decode import decode_photo  # the loader's own decoder: what training sees
 
     d = decode_photo(dict(members)).astype(np.int16) - rgb
     acc[0] += int(np.abs(d).sum())

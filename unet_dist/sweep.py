@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from unet_dist.config import Config, _apply, _check_value, _nest, from_dict, to_dict
+from unet_dist.config import Config, apply_mapping, from_dict, set_key, to_dict
 from unet_dist.errors import UnetDistError
 
 SPACES = ("choice", "grid", "uniform", "loguniform")
@@ -94,7 +94,7 @@ def _check_space(key: str, spec: Any, origin: str) -> None:
         if not isinstance(values, list) or not values:
             raise UnetDistError(f"{where}: {kind} expects a non-empty list of values, got {values!r}")
         for v in values:
-            _check_value(v, tp, key, where)
+            set_key(Config(), key, v, where)  # the key's own type check
         return
     if tp not in (int, float):
         raise UnetDistError(f"{where}: {kind} needs a numeric key, '{key}' is {getattr(tp, '__name__', tp)}")
@@ -126,7 +126,7 @@ def load_sweep(path: str | Path) -> Sweep:
     if not isinstance(space, dict):
         raise UnetDistError(f"{path}: key 'space' expects a mapping of config keys to spaces, got {space!r}")
     sweep = Sweep(space=space)
-    _apply(sweep, data, str(path))  # unknown keys and wrong types: the config's own messages
+    apply_mapping(sweep, data, str(path))  # unknown keys and wrong types: the config's own messages
     sweep.source, sweep.digest = str(path), hashlib.sha256(text.encode()).hexdigest()
     origin = str(path)
     if not sweep.name or not all(c.isalnum() or c in "-_." for c in sweep.name):
@@ -216,7 +216,7 @@ def trial_config(base: Config, values: dict[str, Any], sweep: Sweep, trial_id: s
     """The config one trial trains with: the base, the sampled values, the sweep's placement."""
     cfg = from_dict(to_dict(base), "base config")
     for key, value in values.items():
-        _apply(cfg, _nest(key, value), f"{sweep.source}: space '{key}'")
+        set_key(cfg, key, value, f"{sweep.source}: space '{key}'")
     r = sweep.resources
     cfg.train = dataclasses.replace(
         cfg.train, workers=r.workers, cpus_per_worker=r.cpus_per_worker, use_gpu=r.gpus_per_worker > 0,

@@ -22,7 +22,8 @@ from unet_dist import labels, storage, viz
 from unet_dist.config import Config, dump_yaml, flatten
 from unet_dist.data import shards
 from unet_dist.errors import UnetDistError
-from unet_dist.evaluation import format_table
+from unet_dist.scoring import format_table
+from unet_dist.serving import model_log
 
 log = logging.getLogger("unet_dist.tracking")
 LOCAL_STORE = Path("runs") / "mlflow"
@@ -219,9 +220,7 @@ class RunLogger:
 
     def model(self, model, cfg: Config, example_hw: tuple[int, int]) -> str | None:
         """Log and register the serving pyfunc (photos in, masks out); ``example_hw`` sizes its input example."""
-        from unet_dist import serve
-
-        return serve.log_model(model.eval().cpu(), cfg, example_hw, cfg.mlflow.registered_model or None)
+        return model_log.log_model(model.eval().cpu(), cfg, example_hw, cfg.mlflow.registered_model or None)
 
     def close(self, status: str = "FINISHED") -> None:
         self.mlflow.end_run(status=status)

@@ -43,7 +43,7 @@ class BadInput(UnetDistError):
 
 
 @dataclass(frozen=True)
-class Sample:
+class RawSample:
     """One raw sample; paths are POSIX paths relative to the dataset root."""
 
     split: str
@@ -80,7 +80,7 @@ def _pairs_key(p: Path) -> tuple:
     return (0, int(p.stem), p.name) if p.stem.isdigit() else (1, 0, p.name)
 
 
-def list_split(root: str | Path, layout: str, split: str) -> list[Sample]:
+def list_split(root: str | Path, layout: str, split: str) -> list[RawSample]:
     """The split's samples in sorted source order; an error if its directory is missing or empty."""
     root = Path(root)
     if layout == "pairs":
@@ -91,7 +91,7 @@ def list_split(root: str | Path, layout: str, split: str) -> list[Sample]:
         photos = sorted((p for p in files if p.suffix.lower() in PAIRS_SUFFIXES), key=_pairs_key)
         if len(photos) < len(files):
             log.warning("%s: ignored %d files that are not .jpg/.jpeg/.png", d, len(files) - len(photos))
-        out = [Sample(split, i, p.relative_to(root).as_posix()) for i, p in enumerate(photos)]
+        out = [RawSample(split, i, p.relative_to(root).as_posix()) for i, p in enumerate(photos)]
         if not out:
             raise UnetDistError(f"{d}: no .jpg files in split {split!r} (expected <root>/{split}/<n>.jpg)")
         return out
@@ -104,12 +104,12 @@ def list_split(root: str | Path, layout: str, split: str) -> list[Sample]:
     out = []
     for i, rel in enumerate(photos):
         stem = rel[len(CS_PHOTO_DIR) + 1:-len(CS_PHOTO)]  # <split>/<city>/<city>_<seq>_<frame>
-        out.append(Sample(split, i, rel, f"{CS_LABEL_DIR}/{stem}{CS_COLOR}", f"{CS_LABEL_DIR}/{stem}{CS_IDS}"))
+        out.append(RawSample(split, i, rel, f"{CS_LABEL_DIR}/{stem}{CS_COLOR}", f"{CS_LABEL_DIR}/{stem}{CS_IDS}"))
     return out
 
 
 def list_samples(root: str | Path, layout: str, label_source: str = "color",
-                 max_samples: int = 0) -> dict[str, list[Sample]]:
+                 max_samples: int = 0) -> dict[str, list[RawSample]]:
     """Both splits, each sorted and cut to ``max_samples`` (0 = all)."""
     check_label_source(layout, label_source)
     root = Path(root)
@@ -163,7 +163,7 @@ def _same_size(a: np.ndarray, b: np.ndarray, path: str, what: str) -> None:
                              f"{a.shape[1]}x{a.shape[0]}; expected the same size")
 
 
-def load_sample(root: str | Path, sample: Sample, label_source: str = "color",
+def load_sample(root: str | Path, sample: RawSample, label_source: str = "color",
                 want_truth: bool = False) -> Decoded:
     """Decode one sample; raises :class:`BadInput` naming the file and what was expected."""
     root = Path(root)

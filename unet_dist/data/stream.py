@@ -1,4 +1,7 @@
-"""The training sample stream as a pure function of its position, so a resumed run sees exactly the
+"""The two streams of shard samples: training batches (:func:`train_stream`) and evaluation batches
+(:func:`eval_batches`).
+
+The training stream is a pure function of its position, so a resumed run sees exactly the
 samples (and the augmentation) an uninterrupted run would have seen.
 
 Position ``t`` (micro-batches taken by a rank) fixes everything: rank ``r`` of ``W`` takes the global
@@ -15,6 +18,10 @@ alone and read with seeks. A shard on S3 is first copied into this machine's cac
 (:func:`unet_dist.storage.cached_copy`: once per machine, shared by its ranks), because reading a
 sample at a time from S3 costs a request per sample (a quarter of local speed in
 ``benchmarks/bench_storage.py``); an epoch visits every shard anyway.
+
+Evaluation streams the val shards in order (WebDataset) and reads every val sample exactly once
+across the ranks (sample ``i`` goes to rank ``i % world``), so summed confusion matrices are exact
+for any world size.
 """
 from __future__ import annotations
 
@@ -27,20 +34,24 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import webdataset as wds
 
 from unet_dist import storage
-from unet_dist.data.loader import Augment, _train_collate, _train_sample
+from unet_dist.data.augment import Augment, train_collate, train_sample
+from unet_dist.data.decode import decode_sample, normalize
 from unet_dist.errors import UnetDistError
 
-# A sample is (shard path, key, {member suffix: (offset, size)}).
-Sample = tuple[str, str, dict[str, tuple[int, int]]]
+storage.register_gopen()  # s3:// val shard URLs stream through unet_dist.storage
+
+# Where one sample of a shard is: (shard path, key, {member suffix: (offset, size)}).
+ShardEntry = tuple[str, str, dict[str, tuple[int, int]]]
 
 
-def index_shards(urls: list[str], local: dict[str, Path] | None = None) -> list[Sample]:
+def index_shards(urls: list[str], local: dict[str, Path] | None = None) -> list[ShardEntry]:
     """Every sample of ``urls`` in shard order: (shard, key, {suffix: (offset, size)}), read from the
     tar headers of ``local[url]`` (default: :func:`unet_dist.storage.cached_copy`)."""
     local = local if local is not None else {url: storage.cached_copy(url) for url in urls}
-    samples: list[Sample] = []
+    samples: list[ShardEntry] = []
     for url in urls:
         by_key: dict[str, dict[str, tuple[int, int]]] = {}
         try:
@@ -100,12 +111,12 @@ class TrainBatches(torch.utils.data.Dataset):
     """Map-style: item ``t`` is rank ``spec.rank``'s batch ``t``. Read with an in-order DataLoader,
     any number of workers yields the same sequence."""
 
-    def __init__(self, samples: list[Sample], aug: Augment, spec: StreamSpec, local: dict[str, Path] | None = None):
+    def __init__(self, samples: list[ShardEntry], aug: Augment, spec: StreamSpec, local: dict[str, Path] | None = None):
         self.samples, self.aug, self.spec = samples, aug, spec
         self.local = local or {}  # shard URL -> the file read (a cached copy of an S3 object)
         self._files: dict[str, object] = {}
 
-    def read(self, sample: Sample) -> dict:
+    def read(self, sample: ShardEntry) -> dict:
         url, key, members = sample
         raw = {"__key__": key, "__url__": url}
         f = self._files.get(url)
@@ -124,8 +135,8 @@ class TrainBatches(torch.utils.data.Dataset):
         items = []
         for epoch, i in positions(self.spec, t, len(self.samples)):
             raw = self.read(self.samples[i])
-            items.append(_train_sample(self.aug, raw, augment_rng(self.spec.seed, epoch, raw["__key__"])))
-        return _train_collate(items)
+            items.append(train_sample(self.aug, raw, augment_rng(self.spec.seed, epoch, raw["__key__"])))
+        return train_collate(items)
 
     def __getstate__(self):  # open files stay with the process that opened them
         return {**self.__dict__, "_files": {}}
@@ -134,7 +145,7 @@ class TrainBatches(torch.utils.data.Dataset):
 def train_stream(urls: list[str], aug: Augment, batch_size: int, *, rank: int, world: int, seed: int,
                  start: int, workers: int, pin_memory: bool, prefetch: int = 0) -> torch.utils.data.DataLoader:
     """An endless iterator of batches for one rank, from micro-batch ``start`` on: uint8 source
-    regions, labels and augmentation plans, as :func:`unet_dist.data.loader.to_device` takes them.
+    regions, labels and augmentation plans, as :func:`unet_dist.data.augment.to_device` takes them.
     ``prefetch``: batches each loader worker keeps in flight (0: torch's default, 2). Shards on S3
     are copied to this machine first (:func:`unet_dist.storage.cached_copy`)."""
     spec = StreamSpec(seed=seed, rank=rank, world=world, batch_size=batch_size)
@@ -154,3 +165,28 @@ def _ignore_sigterm(worker_id: int) -> None:
     rank checkpoints at the next step boundary and needs its batches until then. Workers still end
     with the rank (the DataLoader's watchdog)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+# ----------------------------------------------------------------------------------- evaluation
+def _eval_sample(sample: dict):
+    image, label, _ = decode_sample(sample)
+    return normalize(image), torch.from_numpy(label.astype(np.int64)), image
+
+
+def _collate(batch):
+    return tuple(torch.stack(x) if isinstance(x[0], torch.Tensor) else list(x) for x in zip(*batch))
+
+
+def eval_batches(urls: list[str], batch_size: int, *, rank: int, world: int, limit: int = 0):
+    """This rank's share of the val samples, in order: (images, labels, raw photos) batches."""
+    pipeline = wds.DataPipeline(
+        wds.SimpleShardList(urls),
+        wds.tarfile_to_samples(),
+        wds.slice(rank, None, world),
+        wds.map(_eval_sample),
+        wds.batched(batch_size, collation_fn=_collate, partial=True),
+    )
+    for i, batch in enumerate(pipeline):
+        if limit and i >= limit:
+            return
+        yield batch

@@ -21,10 +21,10 @@ from torch.nn.parallel import DistributedDataParallel
 
 from unet_dist.config import Config
 from unet_dist.data import shards
-from unet_dist.data.loader import Augment, to_device
+from unet_dist.data.augment import Augment, to_device
 from unet_dist.data.stream import train_stream
 from unet_dist.errors import UnetDistError
-from unet_dist.evaluation import evaluate_model
+from unet_dist.scoring import evaluate_model
 from unet_dist.losses import SegmentationLoss, class_weights
 from unet_dist.model import UNet, margin, output_size
 from unet_dist.tracking import NullLogger, RunLogger

@@ -1,6 +1,6 @@
 """Load a trained U-Net for inference from a checkpoint path, ``runs:/...`` or ``models:/...``.
 
-Logged MLflow models (the serving pyfunc, see :mod:`unet_dist.serve`) carry our tensor-only weights
+Logged MLflow models (the serving pyfunc, see :mod:`unet_dist.serving.pyfunc`) carry our tensor-only weights
 and config as artifacts, so they rebuild the same :class:`UNet` as a checkpoint does and run at any
 image size (overlap-tile in 'valid' mode). Models logged before the pyfunc kept the same two files
 under ``extra_files/``; they still load.
@@ -15,7 +15,7 @@ import torch
 from unet_dist.config import Config, from_dict
 from unet_dist.errors import UnetDistError
 from unet_dist.model import UNet
-from unet_dist.train import checkpoint
+from unet_dist.train import checkpoint  # checkpoint file I/O; moves below train/ (unet_dist/checkpoint/)
 
 WEIGHTS, CONFIG = "weights.pt", "unet_config.json"
 

@@ -12,8 +12,8 @@ import torch
 import torch.distributed as dist
 
 from unet_dist import labels
-from unet_dist.data.loader import eval_batches
-from unet_dist.inference import predict_logits
+from unet_dist.data.stream import eval_batches
+from unet_dist.segment import predict_logits
 from unet_dist.metrics import confusion_matrix, scores
 
 

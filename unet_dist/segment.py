@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from unet_dist.data.loader import MEAN, STD, normalize
+from unet_dist.data.decode import MEAN, STD, normalize
 from unet_dist.model import margin, mirror_pad, output_size, valid_input_size
 
 
