@@ -123,7 +123,7 @@ def run_bare(cfg, a, peak: RssPeak) -> tuple[list[float], int]:
     from unet_dist.data import shards as sh
     from unet_dist.data.stream import train_stream
     from unet_dist.model import UNet
-    from unet_dist.train.loop import lr_lambda, make_optimizer
+    from unet_dist.train.parts import lr_lambda, make_optimizer
 
     t = cfg.train
     torch.manual_seed(t.seed)

@@ -148,7 +148,7 @@ def main() -> None:
     from unet_dist.data import shards as sh
     from unet_dist.data.augment import Augment
     from unet_dist.model import margin
-    from unet_dist.train.loop import label_crop
+    from unet_dist.train.parts import label_crop
 
     cfg = load_config(args.config)
     t = cfg.train

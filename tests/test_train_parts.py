@@ -15,7 +15,8 @@ from unet_dist.data.augment import Augment, to_device
 from unet_dist.data.stream import train_stream
 from unet_dist.synth import write_dataset
 from unet_dist.train import checkpoint
-from unet_dist.train.loop import Context, lr_lambda, make_optimizer, train
+from unet_dist.train.loop import Context, train
+from unet_dist.train.parts import lr_lambda, make_optimizer
 
 
 def cfg_with(*overrides: str):

@@ -78,13 +78,13 @@ def main(argv: list[str] | None = None) -> None:
         times["train (Ray)"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        print(f"[4/4] evaluate {summary['checkpoint']}", flush=True)
-        model, _ = load_model(summary["checkpoint"])
+        print(f"[4/4] evaluate {summary.checkpoint}", flush=True)
+        model, _ = load_model(summary.checkpoint)
         manifest = shards.load_manifest(cfg.shards.dir)
         result = evaluate_model(model, shards.shard_paths(cfg.shards.dir, manifest, "val"),
                                 batch_size=cfg.train.batch_size, device=torch.device("cpu"))
         uri = cfg.mlflow.tracking_uri or os.environ["MLFLOW_TRACKING_URI"]
-        log_to_run(uri, summary["mlflow_run_id"], result, "val", int(summary["steps"] or 0))
+        log_to_run(uri, summary.mlflow_run_id, result, "val", int(summary.steps or 0))
         times["evaluate"] = time.perf_counter() - t0
         print(format_table(result))
 

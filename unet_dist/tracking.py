@@ -1,13 +1,18 @@
-"""MLflow: one run per training job, created once, logged to by rank 0 only. Every MLflow call of
-the package lives here.
+"""MLflow: one run per training job, created once, logged to by rank 0 only.
 
 The run id is created by whoever starts the job (the Ray driver, or torchrun's rank 0), written into
 every checkpoint, and read back on resume, so a restarted or relaunched job continues the same run.
-Steps already in the run's history are not logged again after a resume.
+Steps already in the run's history are not logged again after a resume. The tracking URI comes pinned
+in the config by the job plan (``unet_dist.train.plan.locate``); it is resolved nowhere else.
+
+Training's MLflow calls all live here: the server check, the run (:func:`start_run`,
+:func:`mark_failed`) and :class:`RunLogger`, the one writer the loop logs through. MLflow is also
+called by :mod:`unet_dist.serving` (the model format: logging the pyfunc, loading ``runs:/`` and
+``models:/``) and by :mod:`unet_dist.tune` (a sweep's parent run, its results table and pictures,
+registering the best trial's model).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -31,7 +36,7 @@ LOCAL_STORE = Path("runs") / "mlflow"
 
 def resolve_tracking_uri(cfg: Config) -> str:
     """Config, then ``$MLFLOW_TRACKING_URI``, then a sqlite store in ./runs/mlflow (absolute path,
-    so Ray workers in other directories write to the same store)."""
+    so Ray workers in other directories write to the same store). The job plan pins it once."""
     uri = cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
     if uri:
         return uri
@@ -111,12 +116,17 @@ def git_commit() -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+def pinned_uri(cfg: Config) -> str:
+    """The tracking URI a located config carries (a config nothing located is resolved here)."""
+    return cfg.mlflow.tracking_uri or resolve_tracking_uri(cfg)
+
+
 def start_run(cfg: Config, *, resume_run_id: str | None, tags: dict[str, str]) -> str:
     """Return the run id to log to: ``resume_run_id`` when it still exists, else a new run."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    uri = resolve_tracking_uri(cfg)
+    uri = pinned_uri(cfg)
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
     if resume_run_id:
@@ -138,26 +148,30 @@ def start_run(cfg: Config, *, resume_run_id: str | None, tags: dict[str, str]) -
     return run.info.run_id
 
 
-def mark_failed(cfg: Config, run_id: str | None) -> None:
+def mark_failed(tracking_uri: str, run_id: str | None) -> None:
     """A job that ends in an error leaves its MLflow run FAILED, not RUNNING for ever."""
     if not run_id:
         return
     from mlflow.tracking import MlflowClient
 
     try:
-        MlflowClient(resolve_tracking_uri(cfg)).set_terminated(run_id, "FAILED")
+        MlflowClient(tracking_uri).set_terminated(run_id, "FAILED")
     except Exception:  # the tracking server is unreachable: the job's own error matters more
         log.warning("could not mark MLflow run %s FAILED", run_id)
 
 
 class RunLogger:
-    """Rank 0's handle on the job's MLflow run. Other ranks get :class:`NullLogger`."""
+    """Rank 0's handle on the job's MLflow run. Other ranks get :class:`NullLogger`.
+
+    Its public methods (``metrics``, ``tags``, ``image``, ``artifact``, ``text``, ``run_inputs``,
+    ``evaluation``, ``model``, ``close``) are all the loop calls: the writer behind them is this
+    class's own business."""
 
     def __init__(self, cfg: Config, run_id: str, resumed: bool):
         import mlflow
 
         self.mlflow = mlflow
-        mlflow.set_tracking_uri(resolve_tracking_uri(cfg))
+        mlflow.set_tracking_uri(pinned_uri(cfg))
         if cfg.mlflow.system_metrics:
             mlflow.set_system_metrics_sampling_interval(cfg.mlflow.system_metrics_interval)
             mlflow.set_system_metrics_samples_before_logging(1)
@@ -192,12 +206,11 @@ class RunLogger:
     def text(self, text: str, artifact_file: str) -> None:
         self.mlflow.log_text(text, artifact_file)
 
-    def run_inputs(self, cfg: Config, tags: dict[str, Any]) -> None:
-        """What a new run starts from: tags, the shards manifest and quantizer (with a picture of its
-        clusters) and the config, so the run can be repeated from MLflow alone."""
-        raw = storage.read_bytes(storage.join(cfg.shards.dir, shards.MANIFEST))  # a path or s3://
-        manifest, digest = raw.decode(), hashlib.sha256(raw).hexdigest()
-        self.tags({**tags, "git_commit": git_commit() or "none", "shards_manifest_sha256": digest})
+    def run_inputs(self, cfg: Config, tags: dict[str, Any], manifest: str, manifest_sha256: str) -> None:
+        """What a new run starts from: tags, the shards manifest (its text and digest, as the job plan
+        read them) and quantizer (with a picture of its clusters) and the config, so the run can be
+        repeated from MLflow alone."""
+        self.tags({**tags, "git_commit": git_commit() or "none", "shards_manifest_sha256": manifest_sha256})
         self.metrics({"global_batch": tags["global_batch"]}, step=0)
         self.text(manifest, f"data/{shards.MANIFEST}")
         quantizer = storage.join(cfg.shards.dir, shards.QUANTIZER)

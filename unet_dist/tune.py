@@ -32,7 +32,7 @@ from unet_dist.sweep import (Sweep, check_against_base, check_cluster, load_swee
 
 log = logging.getLogger("unet_dist.tune")
 STATE_FILE = "unet_sweep.json"  # beside Tune's own experiment state: the parent run and sweep digest
-# Reported keys (the loop's report) -> the sweep's metric names.
+# The sweep's metric names (MLflow's) -> the keys of the loop's reports and of its RunSummary.
 REPORTED = {"val/miou": "val_miou"}
 
 
@@ -62,24 +62,26 @@ def run_trial(values: dict, *, base: dict, sweep: Sweep, trials_dir: str, parent
     import ray.tune
 
     from unet_dist.train import launch
+    from unet_dist.train import plan as job_plan
 
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = trial_config(from_dict(base, "base config"), values, sweep, trial_id, trials_dir)
-    # A restarted trial finds its child run in its newest checkpoint (launch.open_run).
-    run_id, resumed = launch.open_run(cfg, "ray", cfg.train.workers, tags={
+    # The trial's job plan, made once here; a restarted trial finds its child run in its newest
+    # checkpoint (launch.open_run).
+    plan = launch.open_run(job_plan.resolve(cfg), "ray", cfg.train.workers, tags={
         "mlflow.parentRunId": parent_run_id, "unet_dist.sweep": sweep.name, "tune.trial_id": trial_id,
         **{f"tune.{k}": json.dumps(v) for k, v in values.items()}})
-    trainer = launch.ray_trainer(cfg, run_id, callbacks=(_report_callback(run_id, cfg.train.steps),),
+    trainer = launch.ray_trainer(plan, callbacks=(_report_callback(plan.run_id, cfg.train.steps),),
                                  gpus_per_worker=sweep.resources.gpus_per_worker or 1.0)
-    summary = launch.fit_ray(cfg, trainer, run_id, resumed)
-    log.info("trial %s: %s after %s steps", trial_id, summary["status"], summary["steps"])
-    final = {"step": summary["steps"] or 0, "status": summary["status"], "mlflow_run_id": run_id,
-             "checkpoint_path": summary["checkpoint"]}
+    summary = launch.fit_ray(plan, trainer)
+    log.info("trial %s: %s after %s steps", trial_id, summary.status, summary.steps)
+    final = {"step": summary.steps or 0, "status": summary.status, "mlflow_run_id": plan.run_id,
+             "checkpoint_path": summary.checkpoint}
     for name, key in REPORTED.items():
-        if summary.get(key) is not None:
-            final[name] = summary[key]
-    if summary.get("best_miou") is not None:
-        final["best_miou"] = summary["best_miou"]
+        if getattr(summary, key) is not None:
+            final[name] = getattr(summary, key)
+    if summary.best_miou is not None:
+        final["best_miou"] = summary.best_miou
     ray.tune.report(final)
 
 
@@ -228,10 +230,11 @@ def run_sweep(cfg: Config, sweep: Sweep) -> dict:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from unet_dist.train import launch, multinode
+    from unet_dist.train import plan as job_plan
 
-    cfg = launch.absolute_paths(cfg)
+    cfg = job_plan.locate(cfg)
     check_against_base(sweep, cfg)
-    launch.preflight(cfg)
+    cfg = launch.preflight(cfg).cfg
     storage = Path(cfg.train.checkpoint_dir)
     exp_dir = storage / sweep.name
     trials_dir = exp_dir / "trials"

@@ -201,6 +201,11 @@ HINT = "run python -m unet_dist.preprocess first"
 
 def load_manifest(shards_dir: str | Path) -> dict:
     """The manifest of a finished preprocess run; a clear error if it is missing or invalid."""
+    return read_manifest(shards_dir)[0]
+
+
+def read_manifest(shards_dir: str | Path) -> tuple[dict, str]:
+    """:func:`load_manifest` and the text it was read from (its sha256 identifies the data)."""
     d = str(shards_dir)
     storage.check(d)
     path = storage.join(d, MANIFEST)
@@ -222,7 +227,7 @@ def load_manifest(shards_dir: str | Path) -> dict:
         if not isinstance(s, dict) or not isinstance(s.get("shards"), list) or not all(
                 isinstance(x, dict) and {"name", "sha256", "samples"} <= x.keys() for x in s["shards"]):
             raise UnetDistError(f"{path}: split {split!r} lacks a valid 'shards' list; {HINT}")
-    return m
+    return m, text
 
 
 def _split(manifest: dict, split: str, where: str) -> dict:

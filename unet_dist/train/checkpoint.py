@@ -49,10 +49,10 @@ def set_rng_state(state: dict) -> None:
 
 
 def meta(cfg: Config, *, step: int, best_miou: float, run_id: str | None, world_size: int,
-         launcher: str) -> dict:
+         launcher: str, manifest_sha256: str | None) -> dict:
     """What ``meta.json`` records beside the tensors: where the run stands, the whole config, the
-    MLflow run to continue, and the data it was trained on (manifest digest, quantizer path)."""
-    manifest = storage.join(cfg.shards.dir, shards.MANIFEST)
+    MLflow run to continue, and the data it was trained on (the manifest's digest, from the job plan,
+    and the quantizer's path)."""
     return {
         "step": step,
         "steps_total": cfg.train.steps,
@@ -61,7 +61,7 @@ def meta(cfg: Config, *, step: int, best_miou: float, run_id: str | None, world_
         "mlflow_run_id": run_id,
         "world_size": world_size,
         "launcher": launcher,
-        "shards_manifest_sha256": storage.sha256(manifest) if storage.exists(manifest) else None,
+        "shards_manifest_sha256": manifest_sha256,
         "quantizer": storage.join(cfg.shards.dir, shards.QUANTIZER),
     }
 
@@ -130,9 +130,10 @@ def find_latest(run_dir: str | Path) -> str | Path | None:
     return _child(run_dir, best[1]) if best else None
 
 
-def check_model(directory: Path, model: dict) -> None:
-    """Refuse to resume a checkpoint made for another network (reads meta.json only, so it is cheap)."""
-    saved = (read_meta(directory).get("config") or {}).get("model") or {}
+def check_model(directory: str | Path, model: dict, meta: dict | None = None) -> None:
+    """Refuse to resume a checkpoint made for another network (from its meta.json: read here, or
+    ``meta`` when the caller has it already)."""
+    saved = ((meta if meta is not None else read_meta(directory)).get("config") or {}).get("model") or {}
     diff = [f"model.{k}={saved[k]!r} there, {model.get(k)!r} here" for k in sorted(saved) if saved[k] != model.get(k)]
     if diff:
         raise UnetDistError(f"{directory}: checkpoint was made for another model ({'; '.join(diff)}); "

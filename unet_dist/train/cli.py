@@ -14,19 +14,20 @@ import time
 
 from unet_dist.cli import run_main
 from unet_dist.config import add_config_args, config_from_args
+from unet_dist.train.summary import RunSummary
 
 
-def summary_lines(summary: dict, wall_s: float) -> list[str]:
+def summary_lines(summary: RunSummary, wall_s: float) -> list[str]:
     def fmt(v):
         return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else (f"{v:.4f}" if isinstance(v, float) else str(v))
 
     return [
-        f"status      {summary.get('status')}",
-        f"steps       {summary.get('steps')}",
+        f"status      {summary.status}",
+        f"steps       {summary.steps}",
         f"wall time   {wall_s:.1f} s",
-        f"val mIoU    {fmt(summary.get('val_miou'))} (best {fmt(summary.get('best_miou'))})",
-        f"checkpoint  {summary.get('checkpoint')}",
-        f"MLflow run  {summary.get('mlflow_run_id')}",
+        f"val mIoU    {fmt(summary.val_miou)} (best {fmt(summary.best_miou)})",
+        f"checkpoint  {summary.checkpoint}",
+        f"MLflow run  {summary.mlflow_run_id}",
     ]
 
 
@@ -43,23 +44,22 @@ def main(argv: list[str] | None = None) -> None:
         cfg = config_from_args(args)
         start = time.perf_counter()
         summary = launch.run_torchrun(cfg) if under_torchrun() else launch.run_ray(cfg)
-        if summary is None:  # torchrun ranks other than 0
+        if summary.rank != 0:  # torchrun: rank 0 reports for the job; a preempted rank exits as it does
+            if summary.status == preemption.STATUS:
+                sys.exit(preemption.EXIT_CODE)
             return
-        if summary.get("rank"):  # a torchrun rank other than 0 that was preempted
-            sys.exit(preemption.EXIT_CODE)
         wall = time.perf_counter() - start
         print("\n".join(["training summary"] + ["  " + line for line in summary_lines(summary, wall)]))
         if args.summary_json:
             with open(args.summary_json, "w") as f:
                 # loop_s: the training loop alone (steps, evaluations, checkpoints); wall_s: the command
-                json.dump({**summary, "loop_s": summary.get("loop_s", summary.get("wall_s")), "wall_s": round(wall, 1)},
-                          f, indent=2, default=str)
-        if summary.get("status") == preemption.STATUS:
+                json.dump({**summary.as_dict(), "wall_s": round(wall, 1)}, f, indent=2, default=str)
+        if summary.status == preemption.STATUS:
             print(f"preempted: resume with the same command (exit code {preemption.EXIT_CODE})", file=sys.stderr)
             sys.exit(preemption.EXIT_CODE)
-        if summary.get("status") != "finished":
+        if summary.status != "finished":
             from unet_dist.errors import UnetDistError
 
-            raise UnetDistError(f"training stopped: {summary.get('status')} (last good checkpoint: {summary.get('checkpoint')})")
+            raise UnetDistError(f"training stopped: {summary.status} (last good checkpoint: {summary.checkpoint})")
 
     run_main(run)

@@ -1,8 +1,11 @@
 """The two launchers of the one loop: Ray Train (``TorchTrainer``) and torchrun.
 
-Each builds a :class:`~unet_dist.train.loop.Context` for its ranks: how to publish a checkpoint and
-where to find the newest one. Checkpoints of both live in ``<checkpoint_dir>/<run_name>/`` as
+Each resolves the job once (:mod:`unet_dist.train.plan`: the preflight's reads make the plan) and
+builds a :class:`~unet_dist.train.context.Context` for its ranks: how to publish a checkpoint and
+where to resume from. Checkpoints of both live in ``<checkpoint_dir>/<run_name>/`` as
 ``checkpoint_step-N``, so either launcher can resume the other's run.
+
+The path of ``cfg`` through :func:`run_torchrun` is drawn in docs/architecture.md.
 """
 from __future__ import annotations
 
@@ -10,105 +13,95 @@ import contextlib
 import dataclasses
 import logging
 import os
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from unet_dist import losses, storage, tracking
-from unet_dist.config import Config, from_dict, to_dict
+from unet_dist.config import Config, to_dict
 from unet_dist.data import shards
 from unet_dist.distributed import init_torchrun_group, pin_interface
 from unet_dist.errors import UnetDistError
 from unet_dist.train import checkpoint, multinode, preemption
-from unet_dist.train.loop import AllRanksError, Context, train
+from unet_dist.train import plan as job_plan
+from unet_dist.train.agree import AllRanksError
+from unet_dist.train.context import Context
+from unet_dist.train.loop import train
+from unet_dist.train.plan import JobPlan
+from unet_dist.train.summary import RunSummary, measured
 
 log = logging.getLogger("unet_dist.launch")
 
-def run_dir(cfg: Config) -> str | Path:
-    """``<checkpoint_dir>/<run_name>``: a local Path, or an ``s3://`` URL."""
-    base = storage.absolute(cfg.train.checkpoint_dir)
-    return storage.join(base, cfg.train.run_name) if storage.is_remote(base) else Path(base) / cfg.train.run_name
 
-
-def absolute_paths(cfg: Config) -> Config:
-    """Paths made absolute and the tracking URI pinned, so every worker sees the same places."""
-    cfg = dataclasses.replace(cfg)
-    cfg.shards = dataclasses.replace(cfg.shards, dir=storage.absolute(cfg.shards.dir))
-    cfg.train = dataclasses.replace(cfg.train, checkpoint_dir=storage.absolute(cfg.train.checkpoint_dir))
-    cfg.mlflow = dataclasses.replace(cfg.mlflow, tracking_uri=tracking.resolve_tracking_uri(cfg))
-    return cfg
-
-
-def preflight(cfg: Config) -> None:
-    """Cheap checks before anything starts (a Ray cluster, process groups, an MLflow run): both
-    locations are reachable (on S3: endpoint, credentials, bucket), the shards manifest exists and
-    lists shards that are there with their sizes, and the checkpoint this job would resume was made
-    for this model, and the MLflow server accepts our login. (Shard hashes are checked by rank 0
-    before the first step.)"""
+def preflight(cfg: Config) -> JobPlan:
+    """Cheap checks before anything starts (a Ray cluster, process groups, an MLflow run), made on the
+    facts they read, which become the job plan: the config's own values first, then both locations
+    are reachable (on S3: endpoint, credentials, bucket), the shards manifest exists and lists shards
+    that are there with their sizes, the MLflow server accepts our login, and the checkpoint this job
+    would resume was made for this model. (Shard hashes are checked by rank 0 before the first step.)"""
     losses.check_dice(cfg.train.dice)
-    storage.check(cfg.train.checkpoint_dir)
-    manifest = shards.load_manifest(cfg.shards.dir)
+    plan = job_plan.resolve(cfg)
     for split in ("train", "val"):
-        shards.check_listed(cfg.shards.dir, manifest, split)
-    tracking.check_access(cfg.mlflow.tracking_uri)
-    latest = checkpoint.find_latest(run_dir(cfg))
-    if latest is not None:
-        checkpoint.check_model(latest, to_dict(cfg)["model"])
+        shards.check_listed(plan.cfg.shards.dir, plan.manifest, split)
+    tracking.check_access(plan.tracking_uri)
+    if plan.latest is not None:
+        checkpoint.check_model(plan.latest, to_dict(plan.cfg)["model"], plan.latest_meta)
+    return plan
 
 
-def open_run(cfg: Config, launcher: str, world: int, tags: dict[str, str] | None = None) -> tuple[str, str | None]:
-    """The MLflow run for this job: the one recorded in the newest checkpoint, or a new one."""
-    latest = checkpoint.find_latest(run_dir(cfg))
-    resume_id = checkpoint.read_meta(latest).get("mlflow_run_id") if latest else None
-    run_id = tracking.start_run(cfg, resume_run_id=resume_id, tags={
-        "launcher": launcher, "unet_dist.run_name": cfg.train.run_name, "world_size": str(world), **(tags or {})})
-    return run_id, str(latest) if latest else None
-
-
-@contextlib.contextmanager
-def _latest_on_disk(directory: str | Path):
-    yield checkpoint.find_latest(directory)
+def open_run(plan: JobPlan, launcher: str, world: int, tags: dict[str, str] | None = None) -> JobPlan:
+    """The plan with the job's MLflow run: the one its newest checkpoint records, or a new one."""
+    resume_id = (plan.latest_meta or {}).get("mlflow_run_id")
+    run_id = tracking.start_run(plan.cfg, resume_run_id=resume_id, tags={
+        "launcher": launcher, "unet_dist.run_name": plan.cfg.train.run_name, "world_size": str(world), **(tags or {})})
+    return dataclasses.replace(plan, run_id=run_id)
 
 
 # ----------------------------------------------------------------------------------------- torchrun
-def run_torchrun(cfg: Config) -> dict | None:
-    """Called in every rank that torchrun starts; returns the summary on rank 0."""
+def run_torchrun(cfg: Config) -> RunSummary:
+    """Called in every rank that torchrun starts (again after a torchrun restart, which so plans
+    again); every rank returns its summary, rank 0's is the job's."""
     import torch.distributed as dist
 
     local_rank = int(os.environ["LOCAL_RANK"])
     preemption.install()  # the agent forwards its SIGTERM to every rank
-    cfg = absolute_paths(cfg)
-    preflight(cfg)  # every rank: the same answer, before any collective
+    plan = preflight(cfg)  # every rank: the same answer, before any collective (plan.py says why)
     nodes = multinode.torchrun_nodes()
-    multinode.check_tracking_store(cfg.mlflow.tracking_uri, nodes)
-    rank, world = init_torchrun_group("nccl" if cfg.train.use_gpu else "gloo")
-    directory = run_dir(cfg)
+    multinode.check_tracking_store(plan.tracking_uri, nodes)
+    rank, world = init_torchrun_group("nccl" if plan.cfg.train.use_gpu else "gloo")
     try:
         if nodes > 1:
-            multinode.check_torchrun_places(cfg, rank, world)
-        run_id = open_run(cfg, "torchrun", world)[0] if rank == 0 else None
-
-        def report(metrics: dict, tmp: Path | None) -> None:
-            if tmp is not None:
-                final = checkpoint.publish(tmp, directory, int(metrics["step"]))
-                log.info("checkpoint %s", final)
-            dist.barrier()
-
-        ctx = Context(rank=rank, world_size=world, local_rank=local_rank, launcher="torchrun", run_id=run_id,
-                      report=report, latest_checkpoint=lambda: _latest_on_disk(directory))
+            multinode.check_torchrun_places(plan.cfg, rank, world)
+        if rank == 0:  # the one rank that logs: it opens the MLflow run (the others' plans have none)
+            plan = open_run(plan, "torchrun", world)
+        ctx = Context(rank=rank, world_size=world, local_rank=local_rank, launcher="torchrun", run_id=plan.run_id,
+                      report=_publish_then_wait(plan.run_dir),
+                      latest_checkpoint=lambda: contextlib.nullcontext(plan.latest), plan=plan)
         try:
-            summary = train(cfg, ctx)
+            summary = train(plan.cfg, ctx)
         except Exception:
-            tracking.mark_failed(cfg, run_id)  # rank 0 holds the run id
+            tracking.mark_failed(plan.tracking_uri, plan.run_id)  # rank 0 holds the run id
             raise
-        latest = checkpoint.find_latest(directory)
-        summary["checkpoint"] = str(latest) if latest else None
-        if summary["status"] == preemption.STATUS and os.environ.get("UNET_DIST_PREEMPTED_FILE"):
+        if summary.status == preemption.STATUS and os.environ.get("UNET_DIST_PREEMPTED_FILE"):
             # jobs/lib.sh's run_torchrun turns torchrun's exit code 1 into EXIT_CODE when this is set
-            Path(os.environ["UNET_DIST_PREEMPTED_FILE"]).write_text(f"{summary['steps']}\n")
-        if rank != 0 and summary["status"] == preemption.STATUS:
-            return {"status": summary["status"], "rank": rank}  # every rank exits with EXIT_CODE
-        return summary if rank == 0 else None
+            Path(os.environ["UNET_DIST_PREEMPTED_FILE"]).write_text(f"{summary.steps}\n")
+        return summary
     finally:
         dist.destroy_process_group()
+
+
+def _publish_then_wait(run_dir: str):
+    """torchrun's ``report``: rank 0 publishes the checkpoint into the run directory, then every
+    rank waits for it at a barrier; rank 0 gets back where it went."""
+    import torch.distributed as dist
+
+    def report(metrics: dict, tmp: Path | None) -> str | None:
+        final = None
+        if tmp is not None:
+            final = str(checkpoint.publish(tmp, run_dir, int(metrics["step"])))
+            log.info("checkpoint %s", final)
+        dist.barrier()
+        return final
+
+    return report
 
 
 # ----------------------------------------------------------------------------------------- Ray Train
@@ -155,48 +148,59 @@ def _forward_driver_preemption(key: str) -> None:
     threading.Thread(target=forward, name="preemption-forward", daemon=True).start()
 
 
-def _ray_worker(loop_config: dict) -> dict:
+def _ray_worker(loop_config: dict) -> RunSummary:
     """The function Ray Train runs in each worker; rank 0's summary becomes ``Result.return_value``."""
     import ray.train
 
-    cfg = from_dict(loop_config["config"], "loop config")
+    plan = JobPlan.from_dict(loop_config["plan"])
     rc = ray.train.get_context()
     _watch_preemption(loop_config.get("preempt_key"))
-    directory = loop_config["run_dir"]
 
-    def report(metrics: dict, tmp: Path | None) -> None:
-        ckpt = ray.train.Checkpoint.from_directory(str(tmp)) if tmp is not None else None
+    def report(metrics: dict, tmp: Path | None) -> str | None:
         name = f"checkpoint_step-{int(metrics['step']):08d}" if tmp is not None else None
+        ckpt = ray.train.Checkpoint.from_directory(str(tmp)) if tmp is not None else None
         ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name)
-
-    @contextlib.contextmanager
-    def latest():
-        # Ray writes its checkpoints into the run directory, so the newest complete one there is at
-        # least as new as Ray's record (registered lazily: after a crash it can lag behind), and is
-        # read in place, under its own name, rather than downloaded to a temporary folder first.
-        on_disk = checkpoint.find_latest(directory)
-        ckpt = ray.train.get_checkpoint() if on_disk is None else None
-        if ckpt is None:
-            yield on_disk
-            return
-        with ckpt.as_directory() as d:
-            yield Path(d)
-
-    def node_drain() -> str | None:
-        try:
-            info = ray.train.get_preemption_info()
-        except Exception as e:  # noqa: BLE001 - an alpha API: never let it stop training
-            log.debug("no preemption info from Ray: %s", e)
-            return None
-        return f"Ray node drain ({len(info.preempted_node_ids)} node(s) of this job)" if info else None
+        return storage.join(plan.run_dir, name) if name else None  # Ray keeps it under <storage_path>/<name>/
 
     ctx = Context(rank=rc.get_world_rank(), world_size=rc.get_world_size(), local_rank=rc.get_local_rank(),
-                  launcher="ray", run_id=loop_config["run_id"], report=report, latest_checkpoint=latest,
-                  node_drain=node_drain)
+                  launcher="ray", run_id=plan.run_id, report=report, latest_checkpoint=lambda: _ray_latest(plan),
+                  node_drain=_ray_node_drain, plan=plan)
     try:
-        return train(cfg, ctx)  # a non-finite loss returns too: retrying from the same checkpoint repeats it
+        return train(plan.cfg, ctx)  # a non-finite loss returns too: retrying from the same checkpoint repeats it
     except AllRanksError as e:  # bad input every rank agreed on: end the run instead of retrying it
-        return {"status": "error", "error": str(e)}
+        return RunSummary(status="error", error=str(e), world_size=ctx.world_size, mlflow_run_id=plan.run_id)
+
+
+@contextlib.contextmanager
+def _ray_latest(plan: JobPlan):
+    """Where a Ray worker resumes from: the plan's checkpoint at the job's first start. A worker group
+    that Ray restarted within the job (FailureConfig) is handed Ray's newest record; when that is not
+    the plan's, the run directory is listed again (the one lookup after the plan): the newest
+    complete checkpoint there is at least as new as Ray's record (registered lazily: after a crash it
+    can lag behind), and is read in place, under its own name, rather than downloaded first."""
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None or (plan.latest is not None and storage.name(plan.latest) == PurePosixPath(ckpt.path).name):
+        yield plan.latest
+        return
+    on_disk = checkpoint.find_latest(plan.run_dir)
+    if on_disk is not None:
+        yield on_disk
+        return
+    with ckpt.as_directory() as d:
+        yield Path(d)
+
+
+def _ray_node_drain() -> str | None:
+    import ray.train
+
+    try:
+        info = ray.train.get_preemption_info()
+    except Exception as e:  # noqa: BLE001 - an alpha API: never let it stop training
+        log.debug("no preemption info from Ray: %s", e)
+        return None
+    return f"Ray node drain ({len(info.preempted_node_ids)} node(s) of this job)" if info else None
 
 
 def _pin_ray_worker_interface() -> str:
@@ -240,18 +244,17 @@ def init_ray() -> None:
         ray.init(address="local", log_to_driver=True)
 
 
-def ray_trainer(cfg: Config, run_id: str, callbacks: tuple = (), gpus_per_worker: float = 1.0):
-    """The TorchTrainer over :func:`_ray_worker` for ``cfg`` (absolute paths), logging to ``run_id``.
-    One builder for a plain training job and for each trial of a sweep (unet_dist.tune)."""
+def ray_trainer(plan: JobPlan, callbacks: tuple = (), gpus_per_worker: float = 1.0):
+    """The TorchTrainer over :func:`_ray_worker` for the job ``plan`` (its MLflow run opened). One
+    builder for a plain training job and for each trial of a sweep (unet_dist.tune)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    t = cfg.train
+    t = plan.cfg.train
     filesystem, storage_path = storage.pyarrow_filesystem(t.checkpoint_dir)  # S3: same endpoint as boto3
     return TorchTrainer(
         _ray_worker,
-        train_loop_config={"config": to_dict(cfg), "run_id": run_id, "run_dir": str(run_dir(cfg)),
-                           "preempt_key": _preempt_key(cfg, run_id)},
+        train_loop_config={"plan": plan.to_dict(), "preempt_key": _preempt_key(plan.cfg, plan.run_id)},
         torch_config=_torch_config()(backend="nccl" if t.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=t.workers, use_gpu=t.use_gpu,
                                      resources_per_worker={"CPU": t.cpus_per_worker,
@@ -265,39 +268,34 @@ def ray_trainer(cfg: Config, run_id: str, callbacks: tuple = (), gpus_per_worker
     )
 
 
-def fit_ray(cfg: Config, trainer, run_id: str, resumed: str | None) -> dict:
+def fit_ray(plan: JobPlan, trainer) -> RunSummary:
     """Run ``trainer`` to the end; a failure becomes one UnetDistError and a FAILED MLflow run."""
-    t = cfg.train
     try:
         result = trainer.fit()
     except Exception as e:  # TrainingFailedError wraps the worker's exception
-        tracking.mark_failed(cfg, run_id)
+        tracking.mark_failed(plan.tracking_uri, plan.run_id)
         cause = e
         while cause.__cause__ is not None:
             cause = cause.__cause__
         if isinstance(cause, UnetDistError):
             raise cause from None
-        raise UnetDistError(f"Ray Train run '{t.run_name}' failed: {str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__}") from None
-    metrics = result.metrics or {}
-    returned = getattr(result, "return_value", None) or {}
-    if returned.get("status") == "error":
-        tracking.mark_failed(cfg, run_id)
-        raise UnetDistError(returned["error"])
-    if returned.get("status"):
-        metrics = {**metrics, "status": returned["status"], "step": returned.get("steps")}
-    latest = checkpoint.find_latest(run_dir(cfg))
-    return {"status": metrics.get("status", "finished"), "steps": metrics.get("step"),
-            "best_miou": metrics.get("best_miou"), "val_miou": metrics.get("val_miou"),
-            "world_size": t.workers, "resumed_from": resumed, "mlflow_run_id": run_id,
-            "model_uri": returned.get("model_uri"), "loop_s": returned.get("wall_s"), "checkpoint": str(latest) if latest else None}
+        raise UnetDistError(f"Ray Train run '{plan.cfg.train.run_name}' failed: {str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__}") from None
+    last = result.metrics or {}  # the last report
+    done = getattr(result, "return_value", None) or RunSummary(  # rank 0's summary
+        status=last.get("status", "finished"), steps=last.get("step"), checkpoint=plan.latest)
+    if done.status == "error":
+        tracking.mark_failed(plan.tracking_uri, plan.run_id)
+        raise UnetDistError(done.error)
+    # The scores as of the last report (what Ray's Result and Tune saw); the job's own facts from the plan.
+    return dataclasses.replace(done, best_miou=measured(last.get("best_miou")), val_miou=measured(last.get("val_miou")),
+                               world_size=plan.cfg.train.workers, resumed_from=plan.latest, mlflow_run_id=plan.run_id)
 
 
-def run_ray(cfg: Config) -> dict:
+def run_ray(cfg: Config) -> RunSummary:
     """Start a TorchTrainer on ``$RAY_ADDRESS`` (or a local Ray) and wait for it."""
-    cfg = absolute_paths(cfg)
-    preflight(cfg)
+    plan = preflight(cfg)
     init_ray()
-    multinode.check_ray_cluster(cfg)  # before the run exists: a store or folder one node lacks
-    run_id, resumed = open_run(cfg, "ray", cfg.train.workers)
-    _forward_driver_preemption(_preempt_key(cfg, run_id))
-    return fit_ray(cfg, ray_trainer(cfg, run_id), run_id, resumed)
+    multinode.check_ray_cluster(plan.cfg)  # before the run exists: a store or folder one node lacks
+    plan = open_run(plan, "ray", plan.cfg.train.workers)
+    _forward_driver_preemption(_preempt_key(plan.cfg, plan.run_id))
+    return fit_ray(plan, ray_trainer(plan))
