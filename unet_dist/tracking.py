@@ -3,7 +3,7 @@
 The run id is created by whoever starts the job (the Ray driver, or torchrun's rank 0), written into
 every checkpoint, and read back on resume, so a restarted or relaunched job continues the same run.
 Steps already in the run's history are not logged again after a resume. The tracking URI comes pinned
-in the config by the job plan (``unet_dist.train.plan.locate``); it is resolved nowhere else.
+in the config by the job plan (``unet_dist.train.plan.locate``); a training job resolves it nowhere else.
 
 Training's MLflow calls all live here: the server check, the run (:func:`start_run`,
 :func:`mark_failed`) and :class:`RunLogger`, the one writer the loop logs through. MLflow is also

@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 import logging
 import os
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from unet_dist import losses, storage, tracking
 from unet_dist.config import Config, to_dict
@@ -148,23 +148,35 @@ def _forward_driver_preemption(key: str) -> None:
     threading.Thread(target=forward, name="preemption-forward", daemon=True).start()
 
 
+def _checkpointed_key(plan: JobPlan) -> str:
+    """A flag rank 0 sets before the job reports its first checkpoint (fit_ray clears it): from then
+    on, a worker group that Ray restarts cannot take the plan's newest checkpoint as the newest."""
+    return f"{_preempt_key(plan.cfg, plan.run_id)}/checkpointed"
+
+
 def _ray_worker(loop_config: dict) -> RunSummary:
     """The function Ray Train runs in each worker; rank 0's summary becomes ``Result.return_value``."""
     import ray.train
+    from ray.experimental import internal_kv
 
     plan = JobPlan.from_dict(loop_config["plan"])
     rc = ray.train.get_context()
     _watch_preemption(loop_config.get("preempt_key"))
+    # Read before any collective, so before any rank of this attempt can report a checkpoint.
+    checkpointed = [internal_kv._internal_kv_exists(_checkpointed_key(plan), namespace=PREEMPT_NAMESPACE)]
 
     def report(metrics: dict, tmp: Path | None) -> str | None:
         name = f"checkpoint_step-{int(metrics['step']):08d}" if tmp is not None else None
+        if name and not checkpointed[0]:
+            internal_kv._internal_kv_put(_checkpointed_key(plan), b"1", overwrite=True, namespace=PREEMPT_NAMESPACE)
+            checkpointed[0] = True
         ckpt = ray.train.Checkpoint.from_directory(str(tmp)) if tmp is not None else None
         ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name)
         return storage.join(plan.run_dir, name) if name else None  # Ray keeps it under <storage_path>/<name>/
 
     ctx = Context(rank=rc.get_world_rank(), world_size=rc.get_world_size(), local_rank=rc.get_local_rank(),
-                  launcher="ray", run_id=plan.run_id, report=report, latest_checkpoint=lambda: _ray_latest(plan),
-                  node_drain=_ray_node_drain, plan=plan)
+                  launcher="ray", run_id=plan.run_id, report=report, node_drain=_ray_node_drain, plan=plan,
+                  latest_checkpoint=lambda: _ray_latest(plan, restarted_after_a_checkpoint=checkpointed[0]))
     try:
         return train(plan.cfg, ctx)  # a non-finite loss returns too: retrying from the same checkpoint repeats it
     except AllRanksError as e:  # bad input every rank agreed on: end the run instead of retrying it
@@ -172,21 +184,18 @@ def _ray_worker(loop_config: dict) -> RunSummary:
 
 
 @contextlib.contextmanager
-def _ray_latest(plan: JobPlan):
-    """Where a Ray worker resumes from: the plan's checkpoint at the job's first start. A worker group
-    that Ray restarted within the job (FailureConfig) is handed Ray's newest record; when that is not
-    the plan's, the run directory is listed again (the one lookup after the plan): the newest
-    complete checkpoint there is at least as new as Ray's record (registered lazily: after a crash it
-    can lag behind), and is read in place, under its own name, rather than downloaded first."""
+def _ray_latest(plan: JobPlan, restarted_after_a_checkpoint: bool):
+    """Where a Ray worker resumes from: the plan's newest checkpoint, unless Ray restarted the worker
+    group (FailureConfig) after this job wrote one. Then the run directory is listed again (the one
+    lookup after the plan): the newest complete checkpoint there is at least as new as Ray's record
+    (registered lazily: after a crash it can lag behind), and is read in place, under its own name,
+    rather than downloaded first. Ray's record serves only when the directory has none."""
     import ray.train
 
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is None or (plan.latest is not None and storage.name(plan.latest) == PurePosixPath(ckpt.path).name):
-        yield plan.latest
-        return
-    on_disk = checkpoint.find_latest(plan.run_dir)
-    if on_disk is not None:
-        yield on_disk
+    latest = checkpoint.find_latest(plan.run_dir) if restarted_after_a_checkpoint else plan.latest
+    ckpt = ray.train.get_checkpoint() if latest is None else None
+    if ckpt is None:
+        yield latest
         return
     with ckpt.as_directory() as d:
         yield Path(d)
@@ -270,6 +279,9 @@ def ray_trainer(plan: JobPlan, callbacks: tuple = (), gpus_per_worker: float = 1
 
 def fit_ray(plan: JobPlan, trainer) -> RunSummary:
     """Run ``trainer`` to the end; a failure becomes one UnetDistError and a FAILED MLflow run."""
+    from ray.experimental import internal_kv
+
+    internal_kv._internal_kv_del(_checkpointed_key(plan), namespace=PREEMPT_NAMESPACE)  # a new job: the plan holds
     try:
         result = trainer.fit()
     except Exception as e:  # TrainingFailedError wraps the worker's exception
