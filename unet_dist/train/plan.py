@@ -13,8 +13,9 @@ Who builds it:
 - In-process callers of the loop (tests, benchmarks) that bring no plan: :func:`from_shards`.
 
 The one later lookup is legitimate: a worker restarted within the job (Ray's FailureConfig, torchrun's
-``--max-restarts``) looks for the newest checkpoint again, which can be newer than the plan's
-(``launch``). torchrun's restarted ranks rerun the launcher, and so plan again.
+``--max-restarts``) after the job wrote a checkpoint looks for the newest checkpoint again, since it is
+newer than the plan's (``launch._ray_latest``; torchrun's restarted ranks rerun the launcher, and so
+plan again).
 """
 from __future__ import annotations
 
