@@ -35,7 +35,7 @@ from unet_dist.config import load_config
 from unet_dist.data import shards as sh
 from unet_dist.synth import write_dataset
 from unet_dist.labels import IGNORE
-from unet_dist.train import checkpoint
+from unet_dist import checkpoint
 
 TINY = ["model.width=4", "model.depth=3", "train.crop=[32,32]", "train.batch_size=2", "train.loader_workers=0",
         "train.eval_every=0", "train.log_every=1", "mlflow.system_metrics=false", "mlflow.log_model=false",

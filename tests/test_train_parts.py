@@ -14,7 +14,7 @@ from unet_dist.data import shards
 from unet_dist.data.loader import Augment, to_device
 from unet_dist.data.stream import train_stream
 from unet_dist.synth import write_dataset
-from unet_dist.train import checkpoint
+from unet_dist import checkpoint
 from unet_dist.train.loop import Context, lr_lambda, make_optimizer, train
 
 

@@ -39,6 +39,14 @@ def resolve_tracking_uri(cfg: Config) -> str:
     return f"sqlite:///{store / 'mlflow.db'}"
 
 
+def is_local_store(uri: str) -> bool:
+    """A tracking URI that names a file of the machine it is read on (sqlite:, file:, a bare path).
+    Tracking URIs are MLflow's grammar, not storage locations: they are read here, in tracking."""
+    if uri.startswith(("sqlite:", "file:")):
+        return True
+    return "://" not in uri and not uri.startswith("databricks")
+
+
 def check_access(uri: str) -> None:
     """Fail fast, before any training, when an MLflow server refuses our login.
 
@@ -194,14 +202,15 @@ class RunLogger:
     def run_inputs(self, cfg: Config, tags: dict[str, Any]) -> None:
         """What a new run starts from: tags, the shards manifest and quantizer (with a picture of its
         clusters) and the config, so the run can be repeated from MLflow alone."""
-        raw = storage.read_bytes(storage.join(cfg.shards.dir, shards.MANIFEST))  # a path or s3://
+        shards_dir = storage.location(cfg.shards.dir)
+        raw = (shards_dir / shards.MANIFEST).read_bytes()
         manifest, digest = raw.decode(), hashlib.sha256(raw).hexdigest()
         self.tags({**tags, "git_commit": git_commit() or "none", "shards_manifest_sha256": digest})
         self.metrics({"global_batch": tags["global_batch"]}, step=0)
         self.text(manifest, f"data/{shards.MANIFEST}")
-        quantizer = storage.join(cfg.shards.dir, shards.QUANTIZER)
-        if storage.exists(quantizer):
-            text = storage.read_text(quantizer)
+        quantizer = shards_dir / shards.QUANTIZER
+        if quantizer.exists():
+            text = quantizer.read_text()
             self.text(text, f"data/{shards.QUANTIZER}")
             self.image(viz.quantizer_picture(json.loads(text)), "data/kmeans_clusters.png")
         self.text(dump_yaml(cfg), "config.yaml")

@@ -23,7 +23,7 @@ from unet_dist.data import shards
 from unet_dist.errors import UnetDistError
 from unet_dist.labels import IGNORE
 
-storage.register_gopen()  # s3:// val shard URLs stream through unet_dist.storage
+storage.register_gopen()  # val shard URLs on object stores stream through unet_dist.storage
 
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32) * 255
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32) * 255

@@ -17,22 +17,22 @@ from unet_dist.config import Config, from_dict, to_dict
 from unet_dist.data import shards
 from unet_dist.distributed import init_torchrun_group, pin_interface
 from unet_dist.errors import UnetDistError
-from unet_dist.train import checkpoint, multinode, preemption
+from unet_dist import checkpoint
+from unet_dist.train import multinode, preemption
 from unet_dist.train.loop import AllRanksError, Context, train
 
 log = logging.getLogger("unet_dist.launch")
 
-def run_dir(cfg: Config) -> str | Path:
-    """``<checkpoint_dir>/<run_name>``: a local Path, or an ``s3://`` URL."""
-    base = storage.absolute(cfg.train.checkpoint_dir)
-    return storage.join(base, cfg.train.run_name) if storage.is_remote(base) else Path(base) / cfg.train.run_name
+def run_dir(cfg: Config) -> storage.Location:
+    """``<checkpoint_dir>/<run_name>``, wherever ``checkpoint_dir`` is."""
+    return storage.location(cfg.train.checkpoint_dir) / cfg.train.run_name
 
 
 def absolute_paths(cfg: Config) -> Config:
     """Paths made absolute and the tracking URI pinned, so every worker sees the same places."""
     cfg = dataclasses.replace(cfg)
-    cfg.shards = dataclasses.replace(cfg.shards, dir=storage.absolute(cfg.shards.dir))
-    cfg.train = dataclasses.replace(cfg.train, checkpoint_dir=storage.absolute(cfg.train.checkpoint_dir))
+    cfg.shards = dataclasses.replace(cfg.shards, dir=str(storage.location(cfg.shards.dir)))
+    cfg.train = dataclasses.replace(cfg.train, checkpoint_dir=str(storage.location(cfg.train.checkpoint_dir)))
     cfg.mlflow = dataclasses.replace(cfg.mlflow, tracking_uri=tracking.resolve_tracking_uri(cfg))
     return cfg
 
@@ -44,7 +44,7 @@ def preflight(cfg: Config) -> None:
     for this model, and the MLflow server accepts our login. (Shard hashes are checked by rank 0
     before the first step.)"""
     losses.check_dice(cfg.train.dice)
-    storage.check(cfg.train.checkpoint_dir)
+    storage.location(cfg.train.checkpoint_dir).check()
     manifest = shards.load_manifest(cfg.shards.dir)
     for split in ("train", "val"):
         shards.check_listed(cfg.shards.dir, manifest, split)
@@ -64,7 +64,7 @@ def open_run(cfg: Config, launcher: str, world: int, tags: dict[str, str] | None
 
 
 @contextlib.contextmanager
-def _latest_on_disk(directory: str | Path):
+def _latest_on_disk(directory: storage.Location):
     yield checkpoint.find_latest(directory)
 
 
@@ -247,7 +247,7 @@ def ray_trainer(cfg: Config, run_id: str, callbacks: tuple = (), gpus_per_worker
     from ray.train.torch import TorchTrainer
 
     t = cfg.train
-    filesystem, storage_path = storage.pyarrow_filesystem(t.checkpoint_dir)  # S3: same endpoint as boto3
+    filesystem, storage_path = storage.location(t.checkpoint_dir).ray_storage()  # a store: same endpoint as ours
     return TorchTrainer(
         _ray_worker,
         train_loop_config={"config": to_dict(cfg), "run_id": run_id, "run_dir": str(run_dir(cfg)),

@@ -28,7 +28,8 @@ from unet_dist.evaluation import evaluate_model
 from unet_dist.losses import SegmentationLoss, class_weights
 from unet_dist.model import UNet, margin, output_size
 from unet_dist.tracking import NullLogger, RunLogger
-from unet_dist.train import checkpoint, preemption
+from unet_dist import checkpoint
+from unet_dist.train import preemption, rank_state
 
 log = logging.getLogger("unet_dist.train")
 
@@ -240,7 +241,7 @@ def restore(run: Run) -> None:
             else:
                 run.optimizer.load_state_dict(state["optimizer"])
                 run.scheduler.load_state_dict(state["scheduler"])
-                exact = checkpoint.restore_rank_state(run.model, state, ctx.rank, ctx.world_size)
+                exact = rank_state.restore_rank_state(run.model, state, ctx.rank, ctx.world_size)
                 if not exact and ctx.rank == 0:
                     log.warning("%s was written by another world size: the resume is not exact", ckpt_dir)
                 run.start_step, run.best = int(state["step"]), float(state["best_miou"])
@@ -406,7 +407,7 @@ def _evaluate_and_checkpoint(run: Run, step: int) -> bool:
 def _checkpoint_now(run: Run, step: int, status: str) -> bool:
     """A checkpoint of ``step`` off the schedule (every rank calls it), unless this step was just
     saved. Buffers are not averaged, so a run resumed from it goes on exactly as one that never
-    stopped; each rank's own are saved (checkpoint.rank_state). False, with the run's status set,
+    stopped; each rank's own are saved (rank_state.rank_state). False, with the run's status set,
     when the loss or the weights are not finite: such a step is never checkpointed."""
     ctx = run.ctx
     finite = torch.tensor([float(_finite_state(run.model))])  # buffers differ by rank here: agree
@@ -465,7 +466,7 @@ def _evaluate(run: Run, step: int) -> dict:
 def _save(run: Run, step: int, metrics: dict) -> None:
     """Every rank calls this; rank 0 writes the checkpoint and the launcher publishes it."""
     ctx = run.ctx
-    ranks = checkpoint.gather_rank_states(run.model, ctx.world_size)
+    ranks = rank_state.gather_rank_states(run.model, ctx.world_size)
     if ctx.rank != 0:
         ctx.report(metrics, None)
         return
@@ -476,7 +477,7 @@ def _save(run: Run, step: int, metrics: dict) -> None:
             "scheduler": run.scheduler.state_dict(),
             "step": step,
             "best_miou": run.best,
-            "rng": checkpoint.rng_state(),
+            "rng": rank_state.rng_state(),
             "ranks": ranks,  # each rank's RNG and BatchNorm statistics: an exact resume
         }
         meta = checkpoint.meta(run.cfg, step=step, best_miou=run.best, run_id=ctx.run_id,
