@@ -44,7 +44,7 @@ def free_port() -> int:
 def clean_env(**extra: str) -> dict[str, str]:
     """The environment for child jobs: this venv first on PATH, no inherited MLflow/Ray/store targets."""
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("MLFLOW_", "RAY_ADDRESS", "AWS_", "AZURE_", "STORAGE_EMULATOR_HOST"))}
+           if not k.startswith(("MLFLOW_", "RAY_ADDRESS", "AWS_", "AZURE_", "STORAGE_EMULATOR_HOST", "GCE_METADATA"))}
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env["RAY_AUTH_MODE"] = "disabled"
     env["PYTHONUNBUFFERED"] = "1"
@@ -271,7 +271,9 @@ class GcsServer:
 
     def __init__(self, endpoint: str):
         self.endpoint = endpoint
-        self.env = {"STORAGE_EMULATOR_HOST": endpoint}
+        # GCE_METADATA_*: any credentials lookup that slipped through would go to a closed local port
+        self.env = {"STORAGE_EMULATOR_HOST": endpoint, "GOOGLE_CLOUD_PROJECT": "test",
+                    "GCE_METADATA_HOST": "127.0.0.1:9", "GCE_METADATA_IP": "127.0.0.1:9"}
         self._n = 0
 
     def client(self):

@@ -177,7 +177,10 @@ class ObjectStore:
                 pass
 
     def remove_tree(self, loc) -> None:
-        self.check(loc)
+        import pyarrow.fs as pafs
+
+        if self.info(loc).type == pafs.FileType.NotFound:
+            return
         path = self.path(loc)
         try:
             self.call("delete", loc, lambda: self.fs.delete_dir(path))
