@@ -12,6 +12,7 @@ import os
 import struct
 import tarfile
 import zlib
+from pathlib import Path
 from typing import Iterable
 
 import numpy as np
@@ -174,23 +175,28 @@ def sample_members(key: str, image: bytes | list[tuple[str, bytes]], image_ext: 
     ]
 
 
+def write_tar_file(path: Path, members: Iterable[tuple[str, bytes]]) -> tuple[str, int]:
+    """Write a deterministic tar to the local file ``path`` (fsynced); returns (sha256, bytes)."""
+    with open(path, "wb") as f:
+        with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size, info.mtime, info.mode = len(data), 0, 0o644
+                info.uid = info.gid = 0
+                info.uname = info.gname = ""
+                tar.addfile(info, io.BytesIO(data))
+        f.flush()
+        os.fsync(f.fileno())
+    return storage.location(path).sha256(), Path(path).stat().st_size
+
+
 def write_tar(url: PathOrUrl, members: Iterable[tuple[str, bytes]]) -> tuple[str, int]:
     """Write a deterministic tar, published in one step (a local rename or one whole object) only
     once complete; returns (sha256, bytes)."""
     target = storage.location(url)
     tmp = target.staging()
     try:
-        with open(tmp, "wb") as f:
-            with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-                for name, data in members:
-                    info = tarfile.TarInfo(name)
-                    info.size, info.mtime, info.mode = len(data), 0, 0o644
-                    info.uid = info.gid = 0
-                    info.uname = info.gname = ""
-                    tar.addfile(info, io.BytesIO(data))
-            f.flush()
-            os.fsync(f.fileno())
-        digest, size = storage.location(tmp).sha256(), tmp.stat().st_size
+        digest, size = write_tar_file(tmp, members)
         target.publish_file(tmp)
     finally:
         tmp.unlink(missing_ok=True)

@@ -3,7 +3,8 @@
 Steps: list the sorted samples of each split; sample mask pixels across the train masks (seeded);
 fit KMeans once and save ``quantizer.json``; build the 256^3 colour -> trainId table once; then map
 and write shards in a process pool, one shard per task (:mod:`.worker`; the table reaches the
-workers through the pool initializer). Each finished shard leaves a hidden sidecar
+workers through the pool initializer). Workers build each tar in a local file; this process
+publishes it (a rename, or one upload to a store) and then its hidden sidecar
 (``.progress/<shard>.json``) with its sha256 and stats, so a rerun keeps verified shards and
 rebuilds only missing or invalid ones (:mod:`.plan`); ``manifest.json`` is written last
 (:mod:`.manifest`), so its presence means the folder is complete.
@@ -29,7 +30,7 @@ from unet_dist.data.sources import Sample, list_samples
 from unet_dist.errors import UnetDistError
 from unet_dist.preprocess import manifest as mf
 from unet_dist.preprocess.plan import PROGRESS, Job, digest, finished, plan_units, stat, versions
-from unet_dist.preprocess.worker import FAR, State, build_shard, run_tasks, sample_pixels
+from unet_dist.preprocess.worker import FAR, State, build_shard, publish, run_tasks, sample_pixels
 
 log = logging.getLogger("unet_dist.preprocess")
 FIT_MAX_MASKS = 500  # train masks read to sample KMeans pixels (a seeded subset beyond this)
@@ -145,7 +146,8 @@ def run(cfg: Config) -> dict:
     t0 = time.perf_counter()
     results = run_tasks(build_shard, todo, min(processes, max(1, len(todo))), State(job, lut))
     try:
-        for rec in _progress(results, len(todo), "shards", lambda r, i: f"wrote {r['name']} ({r['samples']} samples)"):
+        published = (publish(out, rec, tmp) for rec, tmp in results)
+        for rec in _progress(published, len(todo), "shards", lambda r, i: f"wrote {r['name']} ({r['samples']} samples)"):
             records[rec["name"]] = rec
     except BaseException:
         results.close()  # the pool is stopped first, then its half-written files go

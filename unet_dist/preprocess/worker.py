@@ -77,8 +77,11 @@ def _rel(job: Job, path: str) -> str:
         return path
 
 
-def build_shard(state: State, unit: Unit) -> dict:
-    """Decode, map and encode the unit's samples into one shard; returns (and saves) its record."""
+def build_shard(state: State, unit: Unit) -> tuple[dict, Optional[Path]]:
+    """Decode, map and encode the unit's samples into one local tar; returns its record and the
+    file (None when every sample was skipped), which the job publishes. Workers never touch an
+    object store: SDK connections a forked worker inherits from its parent are not safe to share
+    (Azure's SDK keeps one pool per process, and two processes on one socket mix their replies)."""
     job, lut = state.job, state.lut
     out = storage.location(job.out)
     rec = {"fingerprint": unit.fingerprint, "name": unit.name, "split": unit.split, "samples": 0,
@@ -128,14 +131,29 @@ def build_shard(state: State, unit: Unit) -> dict:
             rec["notes"] += dec.notes
             yield from sh.sample_members(sh.sample_key(s.split, s.index), photo, ext, ids, s.photo, s.split)
 
-    path = out / unit.name
-    rec["sha256"], rec["bytes"] = sh.write_tar(path, members())
+    tmp: Optional[Path] = (out / unit.name).staging()
+    try:
+        rec["sha256"], rec["bytes"] = sh.write_tar_file(tmp, members())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     if rec["samples"] == 0:  # every sample skipped: no shard
-        path.remove()
-        rec["sha256"], rec["bytes"] = None, 0
+        tmp.unlink()
+        tmp, rec["sha256"], rec["bytes"] = None, None, 0
     rec["class_pixels"] = [int(c) for c in counts[:NUM_CLASSES]] + [int(counts[IGNORE])]
     rec["sizes"] = sorted([int(h), int(w)] for h, w in sizes)
-    (out / PROGRESS / f"{unit.name}.json").write_json(rec)
+    return rec, tmp
+
+
+def publish(out: storage.Location, rec: dict, tmp: Optional[Path]) -> dict:
+    """Put a built shard in place (a local rename or one whole object), then its sidecar record,
+    which says the shard is done. A unit whose samples were all skipped leaves no shard."""
+    shard = out / rec["name"]
+    if tmp is None:
+        shard.remove()  # an earlier run's shard of that name
+    else:
+        shard.publish_file(tmp)
+    (out / PROGRESS / f"{rec['name']}.json").write_json(rec)
     return rec
 
 
