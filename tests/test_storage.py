@@ -240,3 +240,14 @@ def test_download_cut_mid_object_resumes_where_it_stopped_and_counts_the_retry(s
         proxy.close()
     assert storage.retry_count() - before == 1
     assert any("retry 1 of 2" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.slow
+def test_wrong_azure_key_is_one_line_access_denied(azurite, store_env, monkeypatch):
+    store_env(azurite)
+    container = azurite.bucket()
+    monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", azurite.env["AZURE_STORAGE_CONNECTION_STRING"].replace(
+        "AccountKey=Eby8", "AccountKey=Xby8"))
+    storage.reset()
+    with pytest.raises(UnetDistError, match=rf"az://{container}/x: access denied"):
+        location(f"az://{container}/x").listdir()

@@ -191,7 +191,7 @@ def location(where: PathOrUrl) -> Location:
     m = _SCHEME.match(text)
     scheme = ALIASES.get(m.group(1).lower()) if m else None
     if m is None or (scheme is None and "://" not in text):
-        return Location(LOCAL, "", str(Path(text).expanduser().resolve()))
+        return Location(LOCAL, "", str(Path(text).resolve()))
     if scheme is None:
         raise UnetDistError(f"{text}: expected a local path, {EXPECTED['s3']}, {EXPECTED['gs']} or "
                             f"{EXPECTED['az']} (other schemes are not supported)")

@@ -57,7 +57,9 @@ def filesystem(account: str, sdk_attempts: int):
     opts: dict = {}
     if endpoint() != "the AWS S3 endpoint":
         opts["endpoint_override"] = endpoint()
-    region = _botocore_session().get_config_variable("region")
+    # With an endpoint of its own (MinIO, Ceph) and no region configured, the AWS SDK would ask the
+    # EC2 metadata service for one; boto3 takes us-east-1 there, and so do we.
+    region = _botocore_session().get_config_variable("region") or ("us-east-1" if "endpoint_override" in opts else None)
     if region:
         opts["region"] = region
     return pafs.S3FileSystem(retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=sdk_attempts), **opts)
