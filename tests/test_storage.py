@@ -251,3 +251,20 @@ def test_wrong_azure_key_is_one_line_access_denied(azurite, store_env, monkeypat
     storage.reset()
     with pytest.raises(UnetDistError, match=rf"az://{container}/x: access denied"):
         location(f"az://{container}/x").listdir()
+
+
+@pytest.mark.parametrize("entry, args, needles", [
+    ("unet_dist.evaluate", ["--model", "runs/none", "--shards", "s3:/bucket/x"], ["s3:/bucket/x", "s3://BUCKET/PREFIX"]),
+    ("unet_dist.preprocess", ["--set", "data.root=s3://bucket/raw", "--set", "shards.dir=shards"],
+     ["data.root: s3://bucket/raw", "raw data must be a local path"]),
+])
+def test_entry_points_name_a_misplaced_url_in_one_line(entry, args, needles, tmp_path, monkeypatch, capsys):
+    import importlib
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        importlib.import_module(entry).main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    assert all(n in err[0] for n in needles), err[0]
+    assert not any(tmp_path.iterdir())
