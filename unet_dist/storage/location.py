@@ -103,8 +103,9 @@ class Location:
         return self._backend.listdir(self)
 
     def open_read(self) -> BinaryIO:
-        """A buffered binary stream (FileNotFoundError when missing). On an object store a read
-        cut by the network is retried from where it stopped, never from the object's start."""
+        """A buffered binary stream (FileNotFoundError when missing). On an object store it is a
+        series of 4 MiB ranged reads; one cut by the network is asked again at its own offset,
+        never from the object's start."""
         return self._backend.open_read(self)
 
     def read_bytes(self) -> bytes:
