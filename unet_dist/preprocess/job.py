@@ -18,7 +18,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
@@ -30,7 +30,7 @@ from unet_dist.data.sources import Sample, list_samples
 from unet_dist.errors import UnetDistError
 from unet_dist.preprocess import manifest as mf
 from unet_dist.preprocess.plan import PROGRESS, Job, digest, finished, plan_units, stat, versions
-from unet_dist.preprocess.worker import FAR, State, build_shard, publish, run_tasks, sample_pixels
+from unet_dist.preprocess.worker import FAR, State, build_shard, run_tasks, sample_pixels
 
 log = logging.getLogger("unet_dist.preprocess")
 FIT_MAX_MASKS = 500  # train masks read to sample KMeans pixels (a seeded subset beyond this)
@@ -95,6 +95,18 @@ def _remove_tmp(out: storage.Location) -> None:
                 (d / name).remove()
 
 
+def _publish(out: storage.Location, rec: dict, tmp: Optional[Path]) -> dict:
+    """Put a built shard in place (a local rename or one whole object), then its sidecar record,
+    which says the shard is done. A unit whose samples were all skipped leaves no shard."""
+    shard = out / rec["name"]
+    if tmp is None:
+        shard.remove()  # an earlier run's shard of that name
+    else:
+        shard.publish_file(tmp)
+    (out / PROGRESS / f"{rec['name']}.json").write_json(rec)
+    return rec
+
+
 def _job(cfg: Config, out: storage.Location) -> Job:
     """The worker's settings, after the checks the config cannot express."""
     d, enc = cfg.data, cfg.shards
@@ -146,7 +158,7 @@ def run(cfg: Config) -> dict:
     t0 = time.perf_counter()
     results = run_tasks(build_shard, todo, min(processes, max(1, len(todo))), State(job, lut))
     try:
-        published = (publish(out, rec, tmp) for rec, tmp in results)
+        published = (_publish(out, rec, tmp) for rec, tmp in results)
         for rec in _progress(published, len(todo), "shards", lambda r, i: f"wrote {r['name']} ({r['samples']} samples)"):
             records[rec["name"]] = rec
     except BaseException:

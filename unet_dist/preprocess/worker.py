@@ -5,6 +5,7 @@ Workers get everything they need from :func:`run_tasks` through the pool initial
 initializer's arguments are inherited, not pickled, so the table built once by the parent is
 shared copy-on-write; under spawn it is pickled once per worker. Nothing is passed through module
 globals of the parent: the one global below is set by the initializer inside each worker.
+Workers write local files only; the job publishes them (:func:`unet_dist.preprocess.job.run`).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from unet_dist.data.quantize import lookup, sample_mask_pixels
 from unet_dist.data.sources import BadInput, Sample, load_sample
 from unet_dist.encoding import encode_jpeg, encode_png
 from unet_dist.labels import IGNORE, NUM_CLASSES, id_to_train_id_lut
-from unet_dist.preprocess.plan import PROGRESS, Job, Unit
+from unet_dist.preprocess.plan import Job, Unit
 
 FAR = 254  # table marker for colours far from every centroid: counted, then stored as ignore (255)
 _ID_LUT = id_to_train_id_lut()
@@ -143,18 +144,6 @@ def build_shard(state: State, unit: Unit) -> tuple[dict, Optional[Path]]:
     rec["class_pixels"] = [int(c) for c in counts[:NUM_CLASSES]] + [int(counts[IGNORE])]
     rec["sizes"] = sorted([int(h), int(w)] for h, w in sizes)
     return rec, tmp
-
-
-def publish(out: storage.Location, rec: dict, tmp: Optional[Path]) -> dict:
-    """Put a built shard in place (a local rename or one whole object), then its sidecar record,
-    which says the shard is done. A unit whose samples were all skipped leaves no shard."""
-    shard = out / rec["name"]
-    if tmp is None:
-        shard.remove()  # an earlier run's shard of that name
-    else:
-        shard.publish_file(tmp)
-    (out / PROGRESS / f"{rec['name']}.json").write_json(rec)
-    return rec
 
 
 def _add_photo_error(acc: list, rgb: np.ndarray, members: list[tuple[str, bytes]]) -> None:
