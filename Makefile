@@ -8,7 +8,14 @@ TEST_PROCS ?= 2
 
 .PHONY: setup demo test test-fast bench clean
 
-setup: $(VENV)/.installed
+# Azurite (the Azure Storage emulator the tests run) comes from npm, into ./.emulators.
+AZURITE_VERSION ?= 3.37.0
+AZURITE := .emulators/node_modules/.bin/azurite-blob
+
+setup: $(VENV)/.installed $(AZURITE)
+
+$(AZURITE):
+	npm install --silent --no-audit --no-fund --prefix .emulators azurite@$(AZURITE_VERSION)
 
 # torch is installed first, pinned, so pip takes the CPU wheel on disk (/opt/wheels here) rather
 # than resolving a multi-GB CUDA build for the other packages.

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 from unet_dist.config import Config  # noqa: E402
-from unet_dist.train import checkpoint  # noqa: E402
+from unet_dist import checkpoint  # noqa: E402
 
 
 def make_shards(cache: Path) -> Path:

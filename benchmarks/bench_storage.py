@@ -4,7 +4,7 @@
 
 Starts a real S3 server process (moto standalone, as in the tests) on 127.0.0.1, uploads the cached
 shards to a bucket and reads them through ``train_stream`` with ``s3://`` URLs: each shard is copied
-once into the machine's cache (``unet_dist.storage.cached_copy``, boto3 underneath), then read with
+once into the machine's cache (``Location.cached_copy``, pyarrow.fs underneath), then read with
 seeks like a local one. "cold" times the stream from its creation (the copies included) over the
 same number of batches, with an empty cache each time; "warm" is a later epoch or another rank on
 the same machine. The server runs on this machine: no network latency, but its HTTP handling is
@@ -76,9 +76,9 @@ def main() -> None:
         storage.reset()
         boto3.client("s3").create_bucket(Bucket="bench")
         remote = "s3://bench/shards"
-        for name in storage.listdir(shards_dir):
+        for name in storage.location(shards_dir).listdir():
             if not name.startswith("."):
-                storage.write_bytes(storage.join(remote, name), (Path(shards_dir) / name).read_bytes())
+                (storage.location(remote) / name).write_bytes((Path(shards_dir) / name).read_bytes())
         tc = TrainConfig()
         aug = A.Augment(crop=tuple(tc.crop), scale=tuple(tc.scale), flip=tc.flip)
         urls = {"local": sh.shard_paths(shards_dir, sh.load_manifest(shards_dir), "train"),

@@ -85,7 +85,7 @@ def child_config(a):
 def run_ours(cfg, a, peak: RssPeak) -> tuple[list[float], int]:
     """Our loop; window seconds from the timestamps of its 'img/s' log lines, and the peak RSS of
     the process tree up to the last step (before the final eval and checkpoint)."""
-    from unet_dist.train import checkpoint
+    from unet_dist import checkpoint
     from unet_dist.train.loop import Context, train
 
     stamps: list[tuple[float, float]] = []

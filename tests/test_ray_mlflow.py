@@ -12,7 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import REPO, clean_env, run
-from unet_dist.train import checkpoint
+from unet_dist import checkpoint
 
 pytestmark = pytest.mark.slow  # a Ray head, an mlflow server and submitted jobs
 

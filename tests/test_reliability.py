@@ -35,7 +35,7 @@ from unet_dist.config import load_config
 from unet_dist.data import shards as sh
 from unet_dist.synth import write_dataset
 from unet_dist.labels import IGNORE
-from unet_dist.train import checkpoint
+from unet_dist import checkpoint
 
 TINY = ["model.width=4", "model.depth=3", "train.crop=[32,32]", "train.batch_size=2", "train.loader_workers=0",
         "train.eval_every=0", "train.log_every=1", "mlflow.system_metrics=false", "mlflow.log_model=false",
@@ -379,7 +379,7 @@ def test_resume_with_another_model_width_is_one_line_before_anything_starts(torc
 def test_checkpoint_copy_cut_short_is_never_resumed(torchrun_rank_killed, tmp_path):
     run_dir = Path(shutil.copytree(torchrun_rank_killed["run_dir"], tmp_path / "run"))
     good = checkpoint.find_latest(run_dir)
-    cut = Path(shutil.copytree(good, run_dir / "checkpoint_step-00000999"))  # as a crash mid-copy leaves it
+    cut = Path(shutil.copytree(good.local_path, run_dir / "checkpoint_step-00000999"))  # as a crash mid-copy leaves it
     meta = json.loads((cut / "meta.json").read_text())
     (cut / "meta.json").write_text(json.dumps({**meta, "step": 999}))
     (cut / "checkpoint.pt").write_bytes((cut / "checkpoint.pt").read_bytes()[:-100])
@@ -390,7 +390,7 @@ def test_checkpoint_copy_cut_short_is_never_resumed(torchrun_rank_killed, tmp_pa
 
 @pytest.mark.slow
 def test_checkpoint_whose_weights_do_not_fit_its_config_is_refused_by_predict(torchrun_rank_killed, tmp_path):
-    src = checkpoint.find_latest(torchrun_rank_killed["run_dir"])
+    src = checkpoint.find_latest(torchrun_rank_killed["run_dir"]).local_path
     ckpt = Path(shutil.copytree(src, tmp_path / "ckpt"))
     meta = json.loads((ckpt / "meta.json").read_text())
     meta["config"]["model"]["width"] = 8  # meta.json says width 8, the tensors are width 4
@@ -523,7 +523,7 @@ def test_package_writes_no_pickles_and_loads_only_with_weights_only():
     loads = [(f, call) for f, s in sources.items() for call in re.findall(r"torch\.load\(([^)]*)\)", s)]
     assert loads and all("weights_only=True" in call for _, call in loads), loads
     savers = {f for f, s in sources.items() if "torch.save(" in s}
-    assert savers == {"unet_dist/train/checkpoint.py", "unet_dist/serving/model_log.py"}, "torch.save only for state dicts"
+    assert savers == {"unet_dist/checkpoint/files.py", "unet_dist/serving/model_log.py"}, "torch.save only for state dicts"
     log_model = [(f, call) for f, s in sources.items()
                  for call in re.findall(r"mlflow\.\w+\.log_model\((.*?)\n\s*\)", s, re.S)]
     # The served model is "models from code": MLflow keeps a source file, never a pickled object.
@@ -533,7 +533,7 @@ def test_package_writes_no_pickles_and_loads_only_with_weights_only():
 
 @pytest.mark.slow
 def test_checkpoint_holds_only_tensors_and_plain_values(torchrun_rank_killed):
-    directory = checkpoint.find_latest(torchrun_rank_killed["run_dir"])
+    directory = checkpoint.find_latest(torchrun_rank_killed["run_dir"]).local_path
     state = torch.load(directory / "checkpoint.pt", weights_only=True)
 
     def plain(x) -> bool:

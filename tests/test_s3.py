@@ -233,7 +233,7 @@ def test_a_partly_uploaded_checkpoint_is_never_the_newest(torchrun_job, data, s3
         else:  # the state cut short: meta.json's state_bytes does not match
             c.put_object(Bucket=bucket, Key=step9, Body=body[: len(body) // 2])
     c.put_object(Bucket=bucket, Key="ckpt/cut/checkpoint_step-00000012/meta.json", Body=b'{"step": 12}')
-    code = ("from unet_dist.train import checkpoint; "
+    code = ("from unet_dist import checkpoint; "
             f"print(checkpoint.find_latest('s3://{bucket}/ckpt/cut'))")
     out = run([sys.executable, "-c", code], cwd=tmp_path, env=data["env"]).stdout.strip()
     assert out == f"s3://{bucket}/ckpt/cut/checkpoint_step-00000006"

@@ -117,7 +117,7 @@ def test_a_run_preempted_mid_way_and_resumed_ends_with_the_uninterrupted_weights
     import re
 
     from test_train_parts import local_context, tiny_run
-    from unet_dist.train import checkpoint
+    from unet_dist import checkpoint
     from unet_dist.train.loop import train
 
     caplog.set_level(logging.INFO, logger="unet_dist.train")

@@ -14,7 +14,7 @@ from unet_dist.data import shards
 from unet_dist.data.augment import Augment, to_device
 from unet_dist.data.stream import train_stream
 from unet_dist.synth import write_dataset
-from unet_dist.train import checkpoint
+from unet_dist import checkpoint
 from unet_dist.train.loop import Context, train
 from unet_dist.train.parts import lr_lambda, make_optimizer
 
@@ -50,9 +50,9 @@ def test_publish_moves_a_checkpoint_in_whole_and_keeps_the_newest_two(tmp_path):
         tmp = tmp_path / f"tmp{step}"
         checkpoint.write(tmp, {"step": step}, {"step": step})
         final = checkpoint.publish(tmp, run_dir, step)
-        assert final == run_dir / f"checkpoint_step-{step:08d}"
+        assert final.local_path == run_dir / f"checkpoint_step-{step:08d}"
     assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint_step-00000002", "checkpoint_step-00000003"]
-    assert checkpoint.find_latest(run_dir) == run_dir / "checkpoint_step-00000003"
+    assert checkpoint.find_latest(run_dir).local_path == run_dir / "checkpoint_step-00000003"
     assert checkpoint.load_state(run_dir / "checkpoint_step-00000003") == {"step": 3}
 
 

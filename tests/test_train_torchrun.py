@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from conftest import BIN, REPO, clean_env, run
-from unet_dist.train import checkpoint
+from unet_dist import checkpoint
 
 pytestmark = pytest.mark.slow  # torchrun with two gloo ranks
 

@@ -24,7 +24,7 @@ from conftest import REPO, clean_env, run
 from unet_dist import sweep as sweeps
 from unet_dist.config import Config, load_config
 from unet_dist.errors import UnetDistError
-from unet_dist.train import checkpoint
+from unet_dist import checkpoint
 
 MODEL_NAME = "unet-sweep-test"
 SWEEP = {

@@ -51,7 +51,7 @@ class QuantizeConfig:
 
 @dataclass
 class ShardsConfig:
-    dir: str = "shards/demo"  # where preprocess writes shards, manifest.json and quantizer.json; a path or s3://bucket/prefix
+    dir: str = "shards/demo"  # where preprocess writes shards, manifest.json and quantizer.json; a path or s3://, gs://, az:// URL
     samples_per_shard: int = 64  # samples per tar file
     processes: int = 0  # preprocess worker processes; 0 = one per core
     photo_encoding: PhotoEncoding = "source"  # source: source bytes (JPEG q95 when resized) | jpeg: at jpeg_quality, pixel error in the manifest | png; labels always lossless (docs/input_pipeline.md)
@@ -94,7 +94,7 @@ class TrainConfig:
     eval_every: int = 250  # steps; 0 = only at the end
     eval_batches: int = 0  # 0 = the whole val split
     checkpoint_every: int = 250  # steps
-    checkpoint_dir: str = "runs/checkpoints"  # <checkpoint_dir>/<run_name>/; on a cluster shared storage or s3://bucket/prefix
+    checkpoint_dir: str = "runs/checkpoints"  # <checkpoint_dir>/<run_name>/; on a cluster shared storage or an s3://, gs://, az:// URL
     run_name: str = "unet-demo"  # names the checkpoint folder and the Ray run; reuse it to resume
     workers: int = 2  # Ray Train workers (torchrun: --nproc_per_node decides)
     use_gpu: bool = False  # one GPU per rank, nccl; false: CPU, gloo

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
         from unet_dist.data import shards
         from unet_dist.synth import write_dataset
         from unet_dist.scoring import evaluate_model, format_table
-        from unet_dist.tracking import log_to_run
+        from unet_dist.tracking import is_local_store, log_to_run
         from unet_dist.serving.loading import load_model
         from unet_dist.train import launch
         from unet_dist.train.cli import summary_lines
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"  {stage:<15} {seconds:6.1f} s")
         print(f"  total           {sum(times.values()):6.1f} s")
         print(f"\nfinal val mIoU: {miou:.4f}" if not math.isnan(miou) else "\nfinal val mIoU: n/a")
-        if uri.startswith("sqlite:"):
+        if is_local_store(uri):
             print(f"look at the run:  mlflow ui --backend-store-uri {uri} --port 5000   (then open http://127.0.0.1:5000)")
         else:
             print(f"look at the run:  {uri}")

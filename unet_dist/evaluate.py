@@ -37,13 +37,16 @@ def main(argv: list[str] | None = None) -> None:
         from unet_dist.scoring import evaluate_model, format_table
         from unet_dist.serving.loading import load_model
 
+        from unet_dist import storage
+
+        shards_dir = storage.location(args.shards)  # a mistyped URL (s3:/bucket) ends here, in one line
         rank, world = 0, 1
         if under_torchrun():  # each rank scores a share; the confusion matrices are summed
             rank, world = init_torchrun_group("nccl" if args.device.startswith("cuda") else "gloo")
         model, cfg = load_model(args.model, args.device)
-        manifest = shards.load_manifest(args.shards)
-        shards.verify_shards(args.shards, manifest, args.split)
-        urls = shards.shard_paths(args.shards, manifest, args.split)
+        manifest = shards.load_manifest(shards_dir)
+        shards.verify_shards(shards_dir, manifest, args.split)
+        urls = shards.shard_paths(shards_dir, manifest, args.split)
         result = evaluate_model(model, urls, batch_size=args.batch_size, device=torch.device(args.device),
                                 rank=rank, world=world)
         if world > 1:

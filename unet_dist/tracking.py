@@ -45,6 +45,14 @@ def resolve_tracking_uri(cfg: Config) -> str:
     return f"sqlite:///{store / 'mlflow.db'}"
 
 
+def is_local_store(uri: str) -> bool:
+    """A tracking URI that names a file of the machine it is read on (sqlite:, file:, a bare path).
+    Tracking URIs are MLflow's grammar, not storage locations: they are read here, in tracking."""
+    if uri.startswith(("sqlite:", "file:")):
+        return True
+    return "://" not in uri and not uri.startswith("databricks")
+
+
 def check_access(uri: str) -> None:
     """Fail fast, before any training, when an MLflow server refuses our login.
 
@@ -211,11 +219,12 @@ class RunLogger:
         read them) and quantizer (with a picture of its clusters) and the config, so the run can be
         repeated from MLflow alone."""
         self.tags({**tags, "git_commit": git_commit() or "none", "shards_manifest_sha256": manifest_sha256})
+        shards_dir = storage.location(cfg.shards.dir)
         self.metrics({"global_batch": tags["global_batch"]}, step=0)
         self.text(manifest, f"data/{shards.MANIFEST}")
-        quantizer = storage.join(cfg.shards.dir, shards.QUANTIZER)
-        if storage.exists(quantizer):
-            text = storage.read_text(quantizer)
+        quantizer = shards_dir / shards.QUANTIZER
+        if quantizer.exists():
+            text = quantizer.read_text()
             self.text(text, f"data/{shards.QUANTIZER}")
             self.image(viz.quantizer_picture(json.loads(text)), "data/kmeans_clusters.png")
         self.text(dump_yaml(cfg), "config.yaml")

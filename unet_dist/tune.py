@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+from unet_dist import storage
 from unet_dist.cli import run_main
 from unet_dist.config import Config, add_config_args, config_from_args, dump_yaml, from_dict, to_dict
 from unet_dist.errors import UnetDistError
@@ -86,13 +87,13 @@ def run_trial(values: dict, *, base: dict, sweep: Sweep, trials_dir: str, parent
 
 
 # ------------------------------------------------------------------------------------------ driver
-def _open_parent(cfg: Config, sweep: Sweep, exp_dir: Path, restoring: bool) -> str:
+def _open_parent(cfg: Config, sweep: Sweep, exp_dir: storage.Location, restoring: bool) -> str:
     """The sweep's MLflow run: the one in the state file when resuming, else a new one."""
     import mlflow
     from unet_dist.tracking import start_run
 
     state_path = exp_dir / STATE_FILE
-    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    state = json.loads(state_path.read_text()) if state_path.exists() else {}
     if restoring and state:
         if state.get("digest") != sweep.digest:
             raise UnetDistError(f"{sweep.source}: changed since sweep '{sweep.name}' started in {exp_dir}; "
@@ -108,9 +109,7 @@ def _open_parent(cfg: Config, sweep: Sweep, exp_dir: Path, restoring: bool) -> s
     client.log_text(run_id, dump_yaml(cfg), "sweep/base_config.yaml")
     for key, spec in sweep.space.items():
         client.log_param(run_id, f"space.{key}", json.dumps(spec)[:6000])
-    exp_dir.mkdir(parents=True, exist_ok=True)
-    state_path.write_text(json.dumps({"parent_run_id": run_id, "digest": sweep.digest,
-                                      "source": sweep.source}, indent=2))
+    state_path.write_json({"parent_run_id": run_id, "digest": sweep.digest, "source": sweep.source}, indent=2)
     return run_id
 
 
@@ -122,9 +121,9 @@ def _child_runs(client, parent_run_id: str) -> dict[str, object]:
     return {r.data.tags.get("tune.trial_id"): r for r in runs}
 
 
-def _rows(results, cfg: Config, sweep: Sweep, trials_dir: Path, children: dict) -> list[dict]:
+def _rows(results, cfg: Config, sweep: Sweep, trials_dir: storage.Location, children: dict) -> list[dict]:
     """One row per trial: its values, how it ended, its score, MLflow run and newest checkpoint."""
-    from unet_dist.train import checkpoint
+    from unet_dist import checkpoint
 
     rows = []
     for res in results:
@@ -235,13 +234,14 @@ def run_sweep(cfg: Config, sweep: Sweep) -> dict:
     cfg = job_plan.locate(cfg)
     check_against_base(sweep, cfg)
     cfg = launch.preflight(cfg).cfg
-    storage = Path(cfg.train.checkpoint_dir)
-    exp_dir = storage / sweep.name
+    base = storage.location(cfg.train.checkpoint_dir)  # a path or a store: never Path() of a URL
+    exp_dir = base / sweep.name
     trials_dir = exp_dir / "trials"
     launch.init_ray()
     multinode.check_ray_cluster(cfg)
     check_cluster(sweep, ray.cluster_resources())
-    restoring = tune.Tuner.can_restore(str(exp_dir))
+    exp_fs, exp_path = exp_dir.ray_storage()
+    restoring = tune.Tuner.can_restore(exp_path, storage_filesystem=exp_fs)
     parent_run_id = _open_parent(cfg, sweep, exp_dir, restoring)
 
     trainable = tune.with_resources(
@@ -250,7 +250,8 @@ def run_sweep(cfg: Config, sweep: Sweep) -> dict:
         _driver_resources(sweep))
     if restoring:
         log.info("resuming sweep %s from %s", sweep.name, exp_dir)
-        tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True, resume_errored=True)
+        tuner = tune.Tuner.restore(exp_path, trainable, resume_unfinished=True, resume_errored=True,
+                                   storage_filesystem=exp_fs)
     else:
         a = sweep.asha
         scheduler = ASHAScheduler(time_attr="step", max_t=max_steps(sweep, cfg), grace_period=a.grace_period,
@@ -264,7 +265,7 @@ def run_sweep(cfg: Config, sweep: Sweep) -> dict:
             tune_config=tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, num_samples=sweep.num_samples,
                                         scheduler=scheduler, search_alg=BasicVariantGenerator(
                                             random_state=sweep.seed, max_concurrent=sweep.max_concurrent_trials)),
-            run_config=tune.RunConfig(name=sweep.name, storage_path=str(storage),
+            run_config=tune.RunConfig(name=sweep.name, storage_path=base.ray_storage()[1], storage_filesystem=exp_fs,
                                       failure_config=tune.FailureConfig(max_failures=1)),
         )
     start = time.perf_counter()

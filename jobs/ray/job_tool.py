@@ -23,7 +23,8 @@ from pathlib import Path
 
 import yaml
 
-SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|CREDENTIAL|(^|_)KEY($|_)", re.IGNORECASE)
+# CONNECTION_STRING: Azure's carries the account key.
+SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|CREDENTIAL|CONNECTION_STRING|(^|_)KEY($|_)", re.IGNORECASE)
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 

@@ -1,7 +1,7 @@
 """WebDataset shard files: deterministic encoding, atomic writes, and the manifest that lists them.
 
 Bytes depend only on the inputs and the config: fixed member order, tar headers with mtime 0 and
-owner 0/"" , the fixed PNG/JPEG encoders of :mod:`unet_dist.files`, JSON with sorted keys. A shard
+owner 0/"" , the fixed PNG/JPEG encoders of :mod:`unet_dist.encoding`, JSON with sorted keys. A shard
 appears under its final name only once complete, so a reader or a rerun never sees half a tar.
 """
 from __future__ import annotations
@@ -20,7 +20,8 @@ from PIL import Image
 
 from unet_dist.errors import UnetDistError
 from unet_dist import storage
-from unet_dist.files import encode_jpeg, encode_png, sha256_file
+from unet_dist.encoding import encode_jpeg, encode_png
+from unet_dist.storage import PathOrUrl
 
 MANIFEST = "manifest.json"
 QUANTIZER = "quantizer.json"  # beside the manifest when labels come from KMeans on colour masks
@@ -174,23 +175,29 @@ def sample_members(key: str, image: bytes | list[tuple[str, bytes]], image_ext: 
     ]
 
 
-def write_tar(url: str | Path, members: Iterable[tuple[str, bytes]]) -> tuple[str, int]:
-    """Write a deterministic tar, published in one step (a local rename or one S3 PUT) only once
-    complete; returns (sha256, bytes)."""
-    tmp = storage.staging_path(url)
+def write_tar_file(path: Path, members: Iterable[tuple[str, bytes]]) -> tuple[str, int]:
+    """Write a deterministic tar to the local file ``path`` (fsynced); returns (sha256, bytes)."""
+    with open(path, "wb") as f:
+        with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size, info.mtime, info.mode = len(data), 0, 0o644
+                info.uid = info.gid = 0
+                info.uname = info.gname = ""
+                tar.addfile(info, io.BytesIO(data))
+        f.flush()
+        os.fsync(f.fileno())
+    return storage.location(path).sha256(), Path(path).stat().st_size
+
+
+def write_tar(url: PathOrUrl, members: Iterable[tuple[str, bytes]]) -> tuple[str, int]:
+    """Write a deterministic tar, published in one step (a local rename or one whole object) only
+    once complete; returns (sha256, bytes)."""
+    target = storage.location(url)
+    tmp = target.staging()
     try:
-        with open(tmp, "wb") as f:
-            with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-                for name, data in members:
-                    info = tarfile.TarInfo(name)
-                    info.size, info.mtime, info.mode = len(data), 0, 0o644
-                    info.uid = info.gid = 0
-                    info.uname = info.gname = ""
-                    tar.addfile(info, io.BytesIO(data))
-            f.flush()
-            os.fsync(f.fileno())
-        digest, size = sha256_file(tmp), tmp.stat().st_size
-        storage.publish_file(tmp, url)
+        digest, size = write_tar_file(tmp, members)
+        target.publish_file(tmp)
     finally:
         tmp.unlink(missing_ok=True)
     return digest, size
@@ -199,20 +206,20 @@ def write_tar(url: str | Path, members: Iterable[tuple[str, bytes]]) -> tuple[st
 HINT = "run python -m unet_dist.preprocess first"
 
 
-def load_manifest(shards_dir: str | Path) -> dict:
+def load_manifest(shards_dir: PathOrUrl) -> dict:
     """The manifest of a finished preprocess run; a clear error if it is missing or invalid."""
     return read_manifest(shards_dir)[0]
 
 
-def read_manifest(shards_dir: str | Path) -> tuple[dict, str]:
+def read_manifest(shards_dir: PathOrUrl) -> tuple[dict, str]:
     """:func:`load_manifest` and the text it was read from (its sha256 identifies the data)."""
-    d = str(shards_dir)
-    storage.check(d)
-    path = storage.join(d, MANIFEST)
+    d = storage.location(shards_dir)
+    d.check()
+    path = d / MANIFEST
     try:
-        text = storage.read_text(path)
+        text = path.read_text()
     except FileNotFoundError:
-        if not storage.is_dir(d):
+        if not d.is_dir():
             raise UnetDistError(f"{d}: shards directory not found; {HINT}") from None
         raise UnetDistError(f"{path}: manifest not found (preprocess unfinished?); {HINT}") from None
     except UnicodeDecodeError as e:
@@ -237,33 +244,36 @@ def _split(manifest: dict, split: str, where: str) -> dict:
     return splits[split]
 
 
-def shard_paths(shards_dir: str | Path, manifest: dict, split: str) -> list[str]:
-    """Paths or ``s3://`` URLs of the split's shards, in order (webdataset opens both)."""
-    entry = _split(manifest, split, storage.join(shards_dir, MANIFEST))
-    return [storage.join(shards_dir, s["name"]) for s in entry["shards"]]
+def shard_paths(shards_dir: PathOrUrl, manifest: dict, split: str) -> list[str]:
+    """Paths or URLs of the split's shards, in order, as text (what webdataset opens)."""
+    d = storage.location(shards_dir)
+    entry = _split(manifest, split, str(d / MANIFEST))
+    return [str(d / s["name"]) for s in entry["shards"]]
 
 
-def check_listed(shards_dir: str | Path, manifest: dict, split: str) -> None:
+def check_listed(shards_dir: PathOrUrl, manifest: dict, split: str) -> None:
     """Every shard the manifest lists for ``split`` is there with the listed size: one listing plus
     one size query per shard, cheap enough for a driver's preflight before any worker starts."""
-    entry = _split(manifest, split, storage.join(shards_dir, MANIFEST))
-    listed = set(storage.listdir(shards_dir))
+    d = storage.location(shards_dir)
+    entry = _split(manifest, split, str(d / MANIFEST))
+    listed = set(d.listdir())
     for s in entry["shards"]:
-        path = storage.join(shards_dir, s["name"])
+        path = d / s["name"]
         if s["name"] not in listed:
             raise UnetDistError(f"{path}: shard listed in the manifest is missing")
-        if "bytes" in s and (size := storage.size(path)) != s["bytes"]:
+        if "bytes" in s and (size := path.size()) != s["bytes"]:
             raise UnetDistError(f"{path}: {size} bytes, the manifest says {s['bytes']}; "
                                 f"the shard is corrupt or stale, rerun preprocess")
 
 
-def verify_shards(shards_dir: str | Path, manifest: dict, split: str) -> None:
-    """:func:`check_listed`, then every shard's sha256 against the manifest (on S3 each object is
-    read once: a checksum stored beside it would only be the uploader's word)."""
+def verify_shards(shards_dir: PathOrUrl, manifest: dict, split: str) -> None:
+    """:func:`check_listed`, then every shard's sha256 against the manifest (on a store each object
+    is read once: a checksum stored beside it would only be the uploader's word)."""
     check_listed(shards_dir, manifest, split)
-    for s in _split(manifest, split, storage.join(shards_dir, MANIFEST))["shards"]:
-        path = storage.join(shards_dir, s["name"])
-        got = storage.sha256(path)
+    d = storage.location(shards_dir)
+    for s in _split(manifest, split, str(d / MANIFEST))["shards"]:
+        path = d / s["name"]
+        got = path.sha256()
         if got != s["sha256"]:
             raise UnetDistError(f"{path}: sha256 {got[:12]}... does not match the manifest's "
                                 f"{s['sha256'][:12]}...; the shard is corrupt or stale, rerun preprocess")

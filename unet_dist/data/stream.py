@@ -14,9 +14,9 @@ decoding, the samples it skips.
 
 Samples are read by random access: the tar shards are uncompressed, so an index of each member's
 offset and size is enough to read one sample's bytes. A local shard is indexed from its tar headers
-alone and read with seeks. A shard on S3 is first copied into this machine's cache
-(:func:`unet_dist.storage.cached_copy`: once per machine, shared by its ranks), because reading a
-sample at a time from S3 costs a request per sample (a quarter of local speed in
+alone and read with seeks. A shard in an object store is first copied into this machine's cache
+(:meth:`unet_dist.storage.Location.cached_copy`: once per machine, shared by its ranks), because
+reading a sample at a time from a store costs a request per sample (a quarter of local speed in
 ``benchmarks/bench_storage.py``); an epoch visits every shard anyway.
 
 Evaluation streams the val shards in order (WebDataset) and reads every val sample exactly once
@@ -49,8 +49,8 @@ ShardEntry = tuple[str, str, dict[str, tuple[int, int]]]
 
 def index_shards(urls: list[str], local: dict[str, Path] | None = None) -> list[ShardEntry]:
     """Every sample of ``urls`` in shard order: (shard, key, {suffix: (offset, size)}), read from the
-    tar headers of ``local[url]`` (default: :func:`unet_dist.storage.cached_copy`)."""
-    local = local if local is not None else {url: storage.cached_copy(url) for url in urls}
+    tar headers of ``local[url]`` (default: :meth:`unet_dist.storage.Location.cached_copy`)."""
+    local = local if local is not None else {url: storage.location(url).cached_copy() for url in urls}
     samples: list[ShardEntry] = []
     for url in urls:
         by_key: dict[str, dict[str, tuple[int, int]]] = {}
@@ -113,7 +113,7 @@ class TrainBatches(torch.utils.data.Dataset):
 
     def __init__(self, samples: list[ShardEntry], aug: Augment, spec: StreamSpec, local: dict[str, Path] | None = None):
         self.samples, self.aug, self.spec = samples, aug, spec
-        self.local = local or {}  # shard URL -> the file read (a cached copy of an S3 object)
+        self.local = local or {}  # shard URL -> the file read (a cached copy of a stored object)
         self._files: dict[str, object] = {}
 
     def read(self, sample: ShardEntry) -> dict:
@@ -146,10 +146,10 @@ def train_stream(urls: list[str], aug: Augment, batch_size: int, *, rank: int, w
                  start: int, workers: int, pin_memory: bool, prefetch: int = 0) -> torch.utils.data.DataLoader:
     """An endless iterator of batches for one rank, from micro-batch ``start`` on: uint8 source
     regions, labels and augmentation plans, as :func:`unet_dist.data.augment.to_device` takes them.
-    ``prefetch``: batches each loader worker keeps in flight (0: torch's default, 2). Shards on S3
-    are copied to this machine first (:func:`unet_dist.storage.cached_copy`)."""
+    ``prefetch``: batches each loader worker keeps in flight (0: torch's default, 2). Shards in an
+    object store are copied to this machine first (:meth:`unet_dist.storage.Location.cached_copy`)."""
     spec = StreamSpec(seed=seed, rank=rank, world=world, batch_size=batch_size)
-    local = {url: storage.cached_copy(url) for url in urls}
+    local = {url: storage.location(url).cached_copy() for url in urls}
     dataset = TrainBatches(index_shards(urls, local), aug, spec, local)
     return torch.utils.data.DataLoader(
         dataset, batch_size=None, sampler=itertools.count(start), num_workers=workers,

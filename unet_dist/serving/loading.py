@@ -15,7 +15,7 @@ import torch
 from unet_dist.config import Config, from_dict
 from unet_dist.errors import UnetDistError
 from unet_dist.model import UNet
-from unet_dist.train import checkpoint  # checkpoint file I/O; moves below train/ (unet_dist/checkpoint/)
+from unet_dist import checkpoint
 
 WEIGHTS, CONFIG = "weights.pt", "unet_config.json"
 

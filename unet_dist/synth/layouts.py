@@ -16,7 +16,8 @@ from PIL import Image
 from unet_dist.config import Layout
 from unet_dist.data.sources import CS_COLOR, CS_IDS, CS_LABEL_DIR, CS_PHOTO, CS_PHOTO_DIR
 from unet_dist.errors import UnetDistError
-from unet_dist.files import encode_jpeg, encode_png, write_bytes_atomic
+from unet_dist.encoding import encode_jpeg, encode_png
+from unet_dist.storage.local import write_bytes_atomic
 from unet_dist.synth.scenes import ID_COLORS, render_scene, sample_rng
 
 LAYOUTS = typing.get_args(Layout)

@@ -20,7 +20,8 @@ from unet_dist.config import Config, to_dict
 from unet_dist.data import shards
 from unet_dist.distributed import init_torchrun_group, pin_interface
 from unet_dist.errors import UnetDistError
-from unet_dist.train import checkpoint, multinode, preemption
+from unet_dist import checkpoint
+from unet_dist.train import multinode, preemption
 from unet_dist.train import plan as job_plan
 from unet_dist.train.agree import AllRanksError
 from unet_dist.train.context import Context
@@ -172,7 +173,7 @@ def _ray_worker(loop_config: dict) -> RunSummary:
             checkpointed[0] = True
         ckpt = ray.train.Checkpoint.from_directory(str(tmp)) if tmp is not None else None
         ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name)
-        return storage.join(plan.run_dir, name) if name else None  # Ray keeps it under <storage_path>/<name>/
+        return str(storage.location(plan.run_dir) / name) if name else None  # Ray keeps it under <storage_path>/<name>/
 
     ctx = Context(rank=rc.get_world_rank(), world_size=rc.get_world_size(), local_rank=rc.get_local_rank(),
                   launcher="ray", run_id=plan.run_id, report=report, node_drain=_ray_node_drain, plan=plan,
@@ -260,7 +261,7 @@ def ray_trainer(plan: JobPlan, callbacks: tuple = (), gpus_per_worker: float = 1
     from ray.train.torch import TorchTrainer
 
     t = plan.cfg.train
-    filesystem, storage_path = storage.pyarrow_filesystem(t.checkpoint_dir)  # S3: same endpoint as boto3
+    filesystem, storage_path = storage.location(t.checkpoint_dir).ray_storage()  # a store: same endpoint as ours
     return TorchTrainer(
         _ray_worker,
         train_loop_config={"plan": plan.to_dict(), "preempt_key": _preempt_key(plan.cfg, plan.run_id)},

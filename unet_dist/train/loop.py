@@ -22,7 +22,8 @@ from unet_dist.config import Config
 from unet_dist.data.augment import to_device
 from unet_dist.errors import UnetDistError
 from unet_dist.scoring import evaluate_model
-from unet_dist.train import agree, checkpoint, parts, preemption
+from unet_dist import checkpoint
+from unet_dist.train import agree, parts, preemption, rank_state
 from unet_dist.train import plan as job_plan
 from unet_dist.train.context import Context
 from unet_dist.train.parts import Parts, Trainable
@@ -58,7 +59,7 @@ def restore(core: Trainable, ctx: Context) -> Progress:
             else:
                 core.optimizer.load_state_dict(state["optimizer"])
                 core.scheduler.load_state_dict(state["scheduler"])
-                exact = checkpoint.restore_rank_state(core.model, state, ctx.rank, ctx.world_size)
+                exact = rank_state.restore_rank_state(core.model, state, ctx.rank, ctx.world_size)
                 if not exact and ctx.rank == 0:
                     log.warning("%s was written by another world size: the resume is not exact", ckpt_dir)
                 progress = Progress.restored(state)
@@ -198,7 +199,7 @@ def _evaluate(p: Parts, progress: Progress, step: int) -> None:
 def _checkpoint_now(p: Parts, progress: Progress, step: int, status: str) -> bool:
     """A checkpoint of ``step`` off the schedule (every rank calls it), unless this step was just
     saved. Buffers are not averaged, so a run resumed from it goes on exactly as one that never
-    stopped; each rank's own are saved (checkpoint.rank_state). False, with the run's status set,
+    stopped; each rank's own are saved (rank_state.rank_state). False, with the run's status set,
     when the loss or the weights are not finite: such a step is never checkpointed."""
     finite = agree.finite_everywhere(p.model, p.ctx.world_size, p.preempt_group)  # buffers differ by rank here
     bad = agree.first_bad_step(progress.first_bad, p.ctx.world_size)
@@ -242,14 +243,14 @@ def save(p: Parts, progress: Progress, step: int, metrics: dict) -> None:
     writer replaces this body, not its callers."""
     ctx = p.ctx
     with progress.timings.phase("checkpoint"):
-        ranks = checkpoint.gather_rank_states(p.model, ctx.world_size)
+        ranks = rank_state.gather_rank_states(p.model, ctx.world_size)
         if ctx.rank != 0:
             ctx.report(metrics, None)
         else:
             with tempfile.TemporaryDirectory(prefix="unet-ckpt-") as tmp:
                 state = {"model": p.model.state_dict(), "optimizer": p.optimizer.state_dict(),
                          "scheduler": p.scheduler.state_dict(), **progress.saved_state(),
-                         "rng": checkpoint.rng_state(),
+                         "rng": rank_state.rng_state(),
                          "ranks": ranks}  # each rank's RNG and BatchNorm statistics: an exact resume
                 meta = checkpoint.meta(p.cfg, step=step, best_miou=progress.best_miou, run_id=p.plan.run_id,
                                        world_size=ctx.world_size, launcher=ctx.launcher,

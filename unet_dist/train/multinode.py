@@ -15,16 +15,10 @@ from pathlib import Path
 from unet_dist import storage
 from unet_dist.config import Config
 from unet_dist.errors import UnetDistError
+from unet_dist.tracking import is_local_store  # noqa: F401  (tested here, where the checks use it)
 
 PROBE = ".unet-dist-probe-"
 PLACES = ("shards.dir", "train.checkpoint_dir")
-
-
-def is_local_store(uri: str) -> bool:
-    """A tracking URI that names a file of the machine it is read on (sqlite:, file:, a bare path)."""
-    if uri.startswith(("sqlite:", "file:")):
-        return True
-    return "://" not in uri and not uri.startswith("databricks")
 
 
 def check_tracking_store(uri: str, nodes: int) -> None:
@@ -40,13 +34,13 @@ def place_of(cfg: Config, key: str) -> str:
 
 def write_probes(cfg: Config) -> dict[str, str]:
     """A file with a random token in each local place (made if missing); {key: "path token"}.
-    An s3:// place is the same bucket from every node: nothing to probe."""
+    A place in an object store is the same bucket from every node: nothing to probe."""
     token = secrets.token_hex(8)
     probes = {}
     for key in PLACES:
-        if storage.is_remote(place_of(cfg, key)):
+        place = storage.location(place_of(cfg, key)).local_path
+        if place is None:
             continue
-        place = Path(place_of(cfg, key))
         place.mkdir(parents=True, exist_ok=True)
         path = place / f"{PROBE}{token}"
         path.write_text(token)
@@ -78,7 +72,7 @@ def unseen_error(cfg: Config, unseen: dict[str, list[str]]) -> UnetDistError:
     key = next(k for k in PLACES if unseen.get(k))
     return UnetDistError(
         f"{key}: {place_of(cfg, key)} is not the same folder on {', '.join(sorted(unseen[key]))} as where the job "
-        "started; expected storage every node sees (a shared filesystem mounted at the same path, or s3://)")
+        "started; expected storage every node sees (a shared filesystem mounted at the same path, or an object store)")
 
 
 # --------------------------------------------------------------------------------- Ray

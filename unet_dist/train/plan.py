@@ -25,10 +25,9 @@ import json
 from dataclasses import dataclass
 from functools import cached_property
 
-from unet_dist import storage, tracking
+from unet_dist import checkpoint, storage, tracking
 from unet_dist.config import Config, from_dict, to_dict
 from unet_dist.data import shards
-from unet_dist.train import checkpoint
 
 
 @dataclass(frozen=True)
@@ -60,14 +59,14 @@ class JobPlan:
 
 def run_dir(cfg: Config) -> str:
     """``<checkpoint_dir>/<run_name>``."""
-    return storage.join(cfg.train.checkpoint_dir, cfg.train.run_name)
+    return str(storage.location(cfg.train.checkpoint_dir) / cfg.train.run_name)
 
 
 def locate(cfg: Config) -> Config:
     """Paths made absolute and the tracking URI pinned, so every worker sees the same places."""
     cfg = dataclasses.replace(cfg)
-    cfg.shards = dataclasses.replace(cfg.shards, dir=storage.absolute(cfg.shards.dir))
-    cfg.train = dataclasses.replace(cfg.train, checkpoint_dir=storage.absolute(cfg.train.checkpoint_dir))
+    cfg.shards = dataclasses.replace(cfg.shards, dir=str(storage.location(cfg.shards.dir)))
+    cfg.train = dataclasses.replace(cfg.train, checkpoint_dir=str(storage.location(cfg.train.checkpoint_dir)))
     cfg.mlflow = dataclasses.replace(cfg.mlflow, tracking_uri=tracking.resolve_tracking_uri(cfg))
     return cfg
 
@@ -75,7 +74,7 @@ def locate(cfg: Config) -> Config:
 def read(cfg: Config) -> JobPlan:
     """The facts of a located config (:func:`locate`), each read once: the checkpoint store reachable,
     the shards manifest (checked) and its digest, the newest complete checkpoint and its meta."""
-    storage.check(cfg.train.checkpoint_dir)
+    storage.location(cfg.train.checkpoint_dir).check()
     plan = from_shards(cfg)
     latest = checkpoint.find_latest(plan.run_dir)
     if latest is None:

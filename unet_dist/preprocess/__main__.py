@@ -1,0 +1,3 @@
+from unet_dist.preprocess.cli import main
+
+main()
