@@ -38,8 +38,8 @@ from unet_dist.labels import IGNORE
 from unet_dist.train import checkpoint
 
 TINY = ["model.width=4", "model.depth=3", "train.crop=[32,32]", "train.batch_size=2", "train.loader_workers=0",
-        "train.eval_every=0", "train.log_every=1", "mlflow.system_metrics=false", "mlflow.log_model=false",
-        "mlflow.registered_model="]
+        "train.eval_every=0", "train.log_every=1", "train.warmup_steps=0", "mlflow.system_metrics=false",
+        "mlflow.log_model=false", "mlflow.registered_model="]
 # A real divergence: AdamW's decoupled weight decay multiplies every weight by (1 - lr * wd) per step.
 # At lr 1e-3 and wd 1e4 (x -9) without BatchNorm the loss is no longer finite at step 4, after a good
 # checkpoint at step 2. With BatchNorm and wd 1e5 (x -99) the loss stays finite for longer, but the

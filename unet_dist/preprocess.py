@@ -11,7 +11,6 @@ written last, so its presence means the directory is complete.
 """
 from __future__ import annotations
 
-import argparse
 import ctypes
 import hashlib
 import json
@@ -32,7 +31,7 @@ from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
-from unet_dist.config import Config, add_config_args, config_from_args, to_dict
+from unet_dist.config import Config, config_from_args, to_dict, validate
 from unet_dist import files
 from unet_dist import storage
 from unet_dist.data import shards as sh
@@ -371,20 +370,13 @@ def _remove_tmp(out: str) -> None:
 def run(cfg: Config) -> dict:
     """Run the whole job; returns the summary (also printed by :func:`main`)."""
     t_start = time.perf_counter()
+    validate(cfg)  # the schema's checks (samples_per_shard, resize, jpeg_quality, photo_tile, ...)
     d = cfg.data
     samples = list_samples(d.root, d.layout, d.label_source, d.max_samples)
     out = storage.absolute(cfg.shards.dir)  # a local path or s3://bucket/prefix
-    if cfg.shards.samples_per_shard < 1:
-        raise UnetDistError(f"shards.samples_per_shard: expected >= 1, got {cfg.shards.samples_per_shard}")
-    if d.resize is not None and (len(d.resize) != 2 or min(d.resize) < 1):
-        raise UnetDistError(f"data.resize: expected [height, width] of positive ints or null, got {d.resize}")
     processes = cfg.shards.processes or os.cpu_count() or 1
     resize = tuple(d.resize) if d.resize else None
     enc = cfg.shards
-    if not 1 <= enc.jpeg_quality <= 100:
-        raise UnetDistError(f"shards.jpeg_quality: expected 1..100, got {enc.jpeg_quality}")
-    if enc.photo_tile is not None and (len(enc.photo_tile) != 2 or min(enc.photo_tile) < 16):
-        raise UnetDistError(f"shards.photo_tile: expected [height, width] of ints >= 16 or null, got {enc.photo_tile}")
     tile = tuple(enc.photo_tile) if enc.photo_tile and enc.photo_encoding == "jpeg" else None
     job = Job(str(d.root), out, d.label_source, d.on_bad_input, resize,
               photo_encoding=enc.photo_encoding, jpeg_quality=enc.jpeg_quality, photo_tile=tile)
@@ -512,15 +504,13 @@ def _summary_text(s: dict) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    from unet_dist.cli import run_main
+    from unet_dist import cli
 
-    parser = argparse.ArgumentParser(
-        prog="python -m unet_dist.preprocess",
-        description="Raw dataset -> KMeans fitted once on mask colours -> WebDataset shards + manifest.json.",
-    )
-    add_config_args(parser)
-    args = parser.parse_args(argv)
-    run_main(lambda: print(_summary_text(run(config_from_args(args))), flush=True))
+    def parse() -> Config:
+        parser = cli.parser("python -m unet_dist.preprocess", __doc__, config=True)
+        return config_from_args(parser.parse_args(sys.argv[1:] if argv is None else argv))
+
+    cli.run_main(lambda: print(_summary_text(run(parse())), flush=True))
 
 
 if __name__ == "__main__":

@@ -12,8 +12,8 @@ import logging
 import os
 from pathlib import Path
 
-from unet_dist import losses, storage, tracking
-from unet_dist.config import Config, from_dict, to_dict
+from unet_dist import devices, ray_address, storage, tracking
+from unet_dist.config import Config, from_dict, to_dict, validate
 from unet_dist.data import shards
 from unet_dist.distributed import init_torchrun_group, pin_interface
 from unet_dist.errors import UnetDistError
@@ -42,8 +42,8 @@ def preflight(cfg: Config) -> None:
     locations are reachable (on S3: endpoint, credentials, bucket), the shards manifest exists and
     lists shards that are there with their sizes, and the checkpoint this job would resume was made
     for this model, and the MLflow server accepts our login. (Shard hashes are checked by rank 0
-    before the first step.)"""
-    losses.check_dice(cfg.train.dice)
+    before the first step.) The config's own checks run first, for callers that built it in code."""
+    validate(cfg)
     storage.check(cfg.train.checkpoint_dir)
     manifest = shards.load_manifest(cfg.shards.dir)
     for split in ("train", "val"):
@@ -234,7 +234,11 @@ def init_ray() -> None:
         return
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray_address.check(address)  # seconds, instead of minutes of GCS connection warnings
+        try:
+            ray.init(address=address, log_to_driver=True)
+        except ConnectionError as e:
+            raise UnetDistError(f"RAY_ADDRESS={address}: {str(e).strip().splitlines()[0]}") from None
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         ray.init(address="local", log_to_driver=True)
@@ -297,6 +301,9 @@ def run_ray(cfg: Config) -> dict:
     cfg = absolute_paths(cfg)
     preflight(cfg)
     init_ray()
+    import ray
+
+    devices.check_ray_gpus(cfg.train.use_gpu, cfg.train.workers, ray.cluster_resources())
     multinode.check_ray_cluster(cfg)  # before the run exists: a store or folder one node lacks
     run_id, resumed = open_run(cfg, "ray", cfg.train.workers)
     _forward_driver_preemption(_preempt_key(cfg, run_id))
