@@ -23,11 +23,15 @@ EOF2
 }
 
 [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]] && { usage; exit 0; }
+check_dry_run
+NPROC="${NPROC:-auto}" && check_nproc NPROC
+MAX_RESTARTS="${MAX_RESTARTS:-3}" && check_count MAX_RESTARTS 0
+TORCHRUN="${TORCHRUN:-torchrun}" && check_program TORCHRUN
 CONFIG="${CONFIG:-jobs/configs/pairs.yaml}"
 resolve_config
 to_set_args "$@"
 
-run_torchrun "${TORCHRUN:-torchrun}" --standalone \
-    --nproc-per-node="${NPROC:-auto}" \
-    --max-restarts="${MAX_RESTARTS:-3}" \
+run_torchrun "$TORCHRUN" --standalone \
+    --nproc-per-node="$NPROC" \
+    --max-restarts="$MAX_RESTARTS" \
     -m unet_dist.train --config "$CONFIG" "${SET_ARGS[@]}"

@@ -72,7 +72,7 @@ def test_configuration_doc_equals_the_table_generated_from_the_dataclasses():
 
 
 def test_configuration_doc_gives_every_key_its_default_and_a_meaning():
-    rows = {key: (default, meaning) for key, _, default, meaning in _config_doc_tool().rows()}
+    rows = {key: (default, meaning) for key, _, _, default, meaning in _config_doc_tool().rows()}
     assert list(rows) == list(flatten(Config()))
     assert rows["train.steps"][0] == str(Config().train.steps) and rows["data.resize"][0] == "[128, 128]"
     assert not [k for k, (_, meaning) in rows.items() if not meaning], "a Config field lacks its comment"

@@ -106,7 +106,7 @@ class TrainConfig:
     workers: Annotated[int, Ge(1)] = 2  # Ray Train workers (torchrun: --nproc_per_node decides)
     use_gpu: bool = False  # one GPU per rank, nccl; false: CPU, gloo
     cpus_per_worker: Annotated[int, Ge(1)] = 1  # Ray CPUs reserved per worker, and torch threads per rank on CPU
-    max_failures: Annotated[int, Ge(-1)] = 2  # Ray FailureConfig
+    max_failures: Annotated[int, Ge(-1)] = 2  # Ray FailureConfig: worker-group restarts after a failure; -1 = no limit
     log_every: Annotated[int, Ge(1)] = 10  # steps between train loss / lr / images-per-second logs
     seed: Annotated[int, SEED] = 0  # initial weights, data order and augmentation
 

@@ -29,10 +29,10 @@ class Ge:
     low: float
 
     def problem(self, value: Any) -> Optional[str]:
-        return None if value >= self.low else f"must be >= {self.low:g}"
+        return None if value >= self.low else f"must be >= {num(self.low)}"
 
     def __str__(self) -> str:
-        return f">= {self.low:g}"
+        return f">= {num(self.low)}"
 
 
 @dataclass(frozen=True)
@@ -42,10 +42,10 @@ class Gt:
     low: float
 
     def problem(self, value: Any) -> Optional[str]:
-        return None if value > self.low else f"must be > {self.low:g}"
+        return None if value > self.low else f"must be > {num(self.low)}"
 
     def __str__(self) -> str:
-        return f"> {self.low:g}"
+        return f"> {num(self.low)}"
 
 
 @dataclass(frozen=True)
@@ -56,10 +56,10 @@ class Within:
     high: float
 
     def problem(self, value: Any) -> Optional[str]:
-        return None if self.low <= value <= self.high else f"must be in [{self.low:g}, {self.high:g}]"
+        return None if self.low <= value <= self.high else f"must be in [{num(self.low)}, {num(self.high)}]"
 
     def __str__(self) -> str:
-        return f"in [{self.low:g}, {self.high:g}]"
+        return f"in [{num(self.low)}, {num(self.high)}]"
 
 
 @dataclass(frozen=True)
@@ -170,9 +170,14 @@ def get(obj: Any, key: str) -> Any:
     return obj
 
 
+def num(x: float) -> str:
+    """2 not 2.0, 4294967295 not 4.29497e+09, 0.5 as 0.5."""
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
 def value_text(value: Any) -> str:
     if isinstance(value, float):
-        return f"{value:g}"
+        return num(value)
     return repr(value) if isinstance(value, str) else str(value)
 
 
