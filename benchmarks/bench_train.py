@@ -228,7 +228,7 @@ def main() -> None:
         t = C.Table(f"U-Net width {width}, crop {crop[0]}x{crop[1]}, batch 4, {steps} steps, window {every} steps",
                     "images/s", baseline=base)
         t.add(f"ours: train(cfg, ctx), width {width}", rate(results[(width, "ours")]),
-              "loss.item + finite check per step, scheduler, logging, NullLogger")
+              "loss and finite check read at log steps, scheduler, logging, NullLogger")
         t.add(base, rate(results[(width, "bare")]), "forward, loss, backward, clip, AdamW, LambdaLR")
         t.print()
         c = C.Table("The same per CPU-second of the rank process (robust to other users' load; "

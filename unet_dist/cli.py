@@ -25,11 +25,17 @@ def run_main(fn: Callable[[], object]) -> None:
     try:
         fn()
     except UnetDistError as e:
-        sys.stderr.write(f"{_fresh_line()}error: {e}\n")  # one write: no other thread can split it
+        sys.stderr.write(f"{_fresh_line()}error: {one_line(str(e))}\n")  # one write: no other thread can split it
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def one_line(text: str) -> str:
+    """The message on one line whatever it quotes: line breaks and other control characters in a
+    value the user typed are shown escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _fresh_line() -> str:
@@ -54,9 +60,16 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose errors are the project's one line and exit code 2 (no usage block)."""
 
+    def parse_args(self, args=None, namespace=None):  # noqa: D102 - quotes unrecognized blank arguments
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            shown = " ".join(repr(a) if not a.strip() or " " in a else a for a in extras)
+            self.error(f"unrecognized arguments: {shown}")
+        return parsed
+
     def error(self, message: str) -> NoReturn:
         message = re.sub(r"^argument ([^:]+): ", lambda m: f"{m.group(1).split('/')[0]}: ", message)
-        sys.stderr.write(f"error: {message} (see {self.prog} --help)\n")
+        sys.stderr.write(f"error: {one_line(message)} (see {self.prog} --help)\n")
         sys.exit(2)
 
 

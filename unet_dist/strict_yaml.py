@@ -43,7 +43,7 @@ def load(text: str, origin: str) -> Any:
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        what = " ".join(str(x) for x in (e.context, e.problem) if x)
+        what = ": ".join(str(x) for x in (e.context, e.problem) if x)
         raise UnetDistError(f"{origin}: {where}not valid YAML ({what})") from None
     except yaml.YAMLError as e:
         raise UnetDistError(f"{origin}: not valid YAML ({str(e).splitlines()[0]})") from None
