@@ -38,9 +38,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Cases per property: their sum is the number docs/configuration.md states.
 EXAMPLES = {"wrong_value": 500, "broken_rule": 200, "right_value": 300, "unknown_key": 100, "config_file": 200,
-            "arguments": 150}
+            "arguments": 150, "right_arguments": 40}
 ENTRY_POINTS = ("train", "preprocess", "demo", "tune", "evaluate", "predict", "synth")
-TOTAL = sum(n for k, n in EXAMPLES.items() if k != "arguments") + EXAMPLES["arguments"] * len(ENTRY_POINTS)
+PER_ENTRY_POINT = ("arguments", "right_arguments")
+TOTAL = sum(n * (len(ENTRY_POINTS) if k in PER_ENTRY_POINT else 1) for k, n in EXAMPLES.items())
 
 
 def fuzz(name: str):
@@ -437,6 +438,54 @@ def test_random_command_lines_are_accepted_or_one_error_line(name, places):
     check()
 
 
+def right_command_lines(name: str, places: dict[str, Path]) -> st.SearchStrategy:
+    """Command lines every check accepts: required flags, any optional ones, in any order."""
+    p = {k: str(v) for k, v in places.items()}
+    count, natural, device = st.integers(1, 10**6).map(str), st.integers(0, 10**6).map(str), st.sampled_from(["cpu", "auto"])
+    sets = st.lists(st.sampled_from(["train.steps=5000", "model.width=8", "train.lr=0.01", "data.resize=null",
+                                     "mlflow.run_name=x y", "train.crop=[64, 96]"]), max_size=3)
+    config = [("--config", st.just(p["good"]))]
+    flags = {
+        "train": ([], config + [("--summary-json", st.just("s.json"))]),
+        "preprocess": ([], config),
+        "demo": ([], config + [("--workdir", st.just(p["root"] + "/work")), ("--train-samples", count),
+                               ("--val-samples", count)]),
+        "tune": ([("--search", st.just(p["sweep"]))], config + [("--summary-json", st.just("s.json"))]),
+        "evaluate": ([("--model", st.sampled_from([p["ckpt"], "s3://b/ckpt"])),
+                      ("--shards", st.sampled_from([p["root"], "s3://b/shards"]))],
+                     [("--split", st.sampled_from(["train", "val"])), ("--batch-size", count), ("--device", device),
+                      ("--step", natural), ("--log-to-run", st.just("0123456789abcdef" * 2)), ("--json", None)]),
+        "predict": ([("--model", st.just(p["ckpt"])), ("--input", st.sampled_from([p["photos"], p["image"]])),
+                     ("--out", st.just(p["root"] + "/out"))], [("--pairs", None), ("--device", device)]),
+        "synth": ([("--out", st.just(p["root"] + "/synth"))],
+                  [("--layout", st.just("pairs")), ("--train", natural), ("--val", natural), ("--seed", natural),
+                   ("--processes", natural)]),
+    }[name]
+    required, optional = flags
+
+    @st.composite
+    def build(draw):
+        chosen = required + [f for f in optional if draw(st.booleans())]
+        parts = [[flag] + ([draw(value)] if value is not None else []) for flag, value in chosen]
+        if name in ("train", "preprocess", "demo", "tune"):
+            parts += [["--set", s] for s in draw(sets)]
+        return [t for part in draw(st.permutations(parts)) for t in part]
+
+    return build()
+
+
+@pytest.mark.parametrize("name", ENTRY_POINTS)
+def test_right_command_lines_are_accepted(name, places, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+    @fuzz("right_arguments")
+    @given(argv=right_command_lines(name, places))
+    def check(argv):
+        assert_accepted(call(name, argv))
+
+    check()
+
+
 # ------------------------------------------------------- the in-process path is the real one
 @pytest.mark.parametrize("name, argv", [
     ("train", ["--set", "train.log_every=0"]),
@@ -454,3 +503,78 @@ def test_a_real_process_prints_the_same_line_as_the_in_process_check(name, argv,
 def test_the_docs_state_the_number_of_fuzzed_cases():
     doc = (REPO / "docs" / "configuration.md").read_text()
     assert re.search(rf"\b{TOTAL:,} generated cases\b", doc), f"docs/configuration.md should say {TOTAL:,} generated cases"
+
+
+# ------------------------------------------------------------------ the inputs issue 24 lists, one by one
+def no_cuda() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+TORCHRUN_ENV = {"TORCHELASTIC_RUN_ID": "x", "LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}
+
+
+@pytest.mark.parametrize("name, argv, env, expected", [
+    ("predict", ["--model", "{ckpt}", "--input", "{photos}", "--out", "o", "--device", "cuda"], {},
+     r"error: --device: cuda, but this torch \(.*\) is built without CUDA; use --device cpu \(or auto\)$"),
+    ("evaluate", ["--model", "{ckpt}", "--shards", "x", "--batch-size", "0"], {},
+     r"error: --batch-size: expected a whole number >= 1, got '0' \(see python -m unet_dist\.evaluate --help\)$"),
+    ("evaluate", ["--model", "{ckpt}", "--shards", "x", "--device", "gpu"], {},
+     r"error: --device: expected auto, cpu, cuda or cuda:N, got 'gpu' \(see .*\)$"),
+    ("train", ["--set", "train.steps=-5"], {}, r"error: --set train\.steps: key 'train\.steps' must be >= 1, got -5$"),
+    ("train", ["--set", "train.log_every=0"], {}, r"key 'train\.log_every' must be >= 1, got 0$"),
+    ("train", ["--set", "train.batch_size=0"], {}, r"key 'train\.batch_size' must be >= 1, got 0$"),
+    ("train", ["--set", "train.workers=0"], {}, r"key 'train\.workers' must be >= 1, got 0$"),
+    ("train", ["--set", "train.lr=-1"], {}, r"key 'train\.lr' must be > 0, got -1$"),
+    ("train", ["--config", "{dup}"], {}, r"error: .*dup\.yaml: line 3: key 'train' is given twice \(lines 1 and 3\)$"),
+    ("train", ["--config", "{broken}"], {}, r"error: .*broken\.yaml: line 2, column 1: not valid YAML \(.*\)$"),
+    ("train", ["--set", "train.use_gpu=true"], TORCHRUN_ENV,
+     r"error: train\.use_gpu: true, but this torch \(.*\) is built without CUDA; set train\.use_gpu=false"),
+    ("synth", ["--out", "x", "--processes", "-1"], {}, r"error: --processes: expected a whole number >= 0, got '-1'"),
+    ("train", [], {"RAY_ADDRESS": "127.0.0.1:1"},
+     r"error: RAY_ADDRESS=127\.0\.0\.1:1: no Ray cluster answers there \(connection refused\); start the cluster"),
+    ("predict", ["--model", "models:/name/1", "--input", "{photos}", "--out", "o"], {},
+     r"error: --model models:/name/1: MLFLOW_TRACKING_URI is not set and there is no MLflow store at "
+     r".*/runs/mlflow/mlflow\.db \(the default that training logs to\)"),
+])
+def test_each_input_the_issue_lists_is_one_line(name, argv, env, expected, places, tmp_path, monkeypatch):
+    if "cuda" in expected.lower() and "CUDA" in expected and not no_cuda():
+        pytest.skip("this machine has CUDA")
+    monkeypatch.chdir(tmp_path)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    argv = [a.format(**{k: str(v) for k, v in places.items()}) for a in argv]
+    line = assert_one_error(call(name, argv))
+    assert re.match(expected if expected.startswith("error") else ".*" + expected, line), line
+    assert not list(tmp_path.iterdir()), "nothing written"
+
+
+def test_ray_address_forms_and_reachability():
+    import socket
+
+    from unet_dist import ray_address
+    from unet_dist.errors import UnetDistError
+
+    for ok in ("", "auto", "local"):
+        ray_address.check(ok)
+    with socket.socket() as s:  # something answering: the check passes (Ray itself says the rest)
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        ray_address.check(f"127.0.0.1:{s.getsockname()[1]}")
+        ray_address.check(f"ray://127.0.0.1:{s.getsockname()[1]}")
+    for bad, says in (("10.0.0.1", "expected HOST:PORT"), ("http://h:8265", "expected HOST:PORT"),
+                      ("h:99999", "expected HOST:PORT"), ("127.0.0.1:1", "no Ray cluster answers there")):
+        with pytest.raises(UnetDistError, match=rf"^RAY_ADDRESS={re.escape(bad)}: {says}"):
+            ray_address.check(bad, timeout_s=2)
+
+
+def test_use_gpu_under_ray_needs_the_clusters_gpus_not_the_drivers():
+    from unet_dist import devices
+    from unet_dist.errors import UnetDistError
+
+    devices.check_ray_gpus(True, 8, {"CPU": 2.0, "GPU": 8.0})  # a CPU-only driver, a GPU cluster: fine
+    devices.check_ray_gpus(False, 8, {"CPU": 2.0})
+    with pytest.raises(UnetDistError, match=r"^train\.use_gpu: true asks one GPU for each of train\.workers=8 "
+                                            r"workers, but the Ray cluster has 4 GPU\(s\)"):
+        devices.check_ray_gpus(True, 8, {"CPU": 64.0, "GPU": 4.0})

@@ -2,7 +2,9 @@
 
 Every entry point reads the same :class:`Config`. Unknown keys and values of the wrong type are
 errors that name the key and the file they came from, so a typo never silently falls back to a
-default.
+default. Each field declares what it accepts next to its type (``Annotated[int, Ge(1)]``, see
+:mod:`unet_dist.constraints`) and :data:`RULES` ties keys together; :func:`validate` checks both in
+one pass, for every entry point and sweep file, and docs/configuration.md shows them (generated).
 """
 from __future__ import annotations
 
@@ -200,7 +202,7 @@ def _check_value(value: Any, tp: Any, key: str, origin: str) -> Any:
     """Return ``value`` converted to type ``tp`` or raise an error naming ``key`` and ``origin``."""
     args = typing.get_args(tp)
     if typing.get_origin(tp) is Literal:
-        if isinstance(value, (dict, list)) or value not in args:
+        if value not in args:
             raise UnetDistError(f"{origin}: key '{key}' must be one of {'|'.join(args)}, got {_short(value)}")
         return value
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
@@ -260,27 +262,29 @@ def _nest(dotted: str, value: Any) -> dict:
     return out
 
 
-def key_type(key: str, root: type = None) -> Any:
-    """The type of a dotted key of ``root`` (default :class:`Config`), or None when there is no such key."""
-    node: Any = root or Config
-    for part in key.split("."):
-        if not dataclasses.is_dataclass(node):
-            return None
-        hints = typing.get_type_hints(node)
-        if part not in hints:
-            return None
-        node = hints[part]
-    return None if dataclasses.is_dataclass(node) else node
+def _field(key: str) -> tuple[type, str] | None:
+    """(the dataclass holding a dotted key of :class:`Config`, the field's name), or None when there
+    is no such key (or it names a section)."""
+    node: Any = Config
+    *sections, name = key.split(".")
+    for part in sections:
+        node = typing.get_type_hints(node).get(part) if dataclasses.is_dataclass(node) else None
+    if not dataclasses.is_dataclass(node) or name not in typing.get_type_hints(node):
+        return None
+    return None if dataclasses.is_dataclass(typing.get_type_hints(node)[name]) else (node, name)
+
+
+def key_type(key: str) -> Any:
+    """The type of a dotted key of :class:`Config`, or None when there is no such key."""
+    found = _field(key)
+    return typing.get_type_hints(found[0])[found[1]] if found else None
 
 
 def check_key(key: str, value: Any, origin: str) -> Any:
     """One value for one dotted key of :class:`Config`: its type, then its declared constraint (a
     sweep's candidate values, before there is a whole config to :func:`validate`)."""
     value = _check_value(value, key_type(key), key, origin)
-    *sections, name = key.split(".")
-    owner: Any = Config
-    for part in sections:
-        owner = typing.get_type_hints(owner)[part]
+    owner, name = _field(key)
     for c in field_constraints(owner)[name] if value is not None else ():
         reason = c.problem(value)
         if reason:
@@ -297,10 +301,10 @@ def override_value(key: str, raw: str) -> Any:
     if not text:
         return ""
     try:
-        return strict_yaml.load(raw, f"--set {key}")
-    except UnetDistError as e:
-        if "given twice" in str(e):
-            raise
+        return strict_yaml.parse(raw, f"--set {key}")
+    except strict_yaml.DuplicateKey:
+        raise
+    except UnetDistError:  # not YAML: the text itself (its type check says the rest)
         return raw
 
 
@@ -313,7 +317,7 @@ def read_yaml_file(path: str | Path, what: str = "config file") -> Any:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as e:
         raise UnetDistError(f"{path}: cannot read the {what} ({e.__class__.__name__}: {e})") from None
-    return strict_yaml.load(text, str(path))
+    return strict_yaml.parse(text, str(path))
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -16,6 +16,7 @@ Types (int, float, bool, str, one-of via ``Literal``) are checked as values are 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import typing
 from dataclasses import dataclass
@@ -181,6 +182,7 @@ def value_text(value: Any) -> str:
     return repr(value) if isinstance(value, str) else str(value)
 
 
+@functools.cache  # a class's annotations do not change; validate() asks for them on every config
 def field_constraints(cls: type) -> dict[str, tuple[Any, ...]]:
     """Field name -> the constraints its ``Annotated`` type carries (empty for plain types)."""
     hints = typing.get_type_hints(cls, include_extras=True)

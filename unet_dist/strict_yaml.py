@@ -11,6 +11,10 @@ import yaml
 from unet_dist.errors import UnetDistError
 
 
+class DuplicateKey(UnetDistError):
+    """A key given twice in one mapping."""
+
+
 class _Loader(yaml.SafeLoader):
     """SafeLoader whose mappings refuse duplicate keys."""
 
@@ -26,7 +30,7 @@ def _mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dic
         except TypeError:  # an unhashable key (a list): SafeLoader's own error says so
             break
         if first is not None:
-            raise UnetDistError(f"line {line}: key {key!r} is given twice (lines {first} and {line})")
+            raise DuplicateKey(f"line {line}: key {key!r} is given twice (lines {first} and {line})")
         seen[key] = line
     return loader.construct_mapping(node, deep=deep)
 
@@ -34,12 +38,12 @@ def _mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dic
 _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
 
 
-def load(text: str, origin: str) -> Any:
+def parse(text: str, origin: str) -> Any:
     """The YAML document in ``text``; errors are one line starting with ``origin``."""
     try:
         return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
-    except UnetDistError as e:
-        raise UnetDistError(f"{origin}: {e}") from None
+    except DuplicateKey as e:
+        raise DuplicateKey(f"{origin}: {e}") from None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
