@@ -88,6 +88,24 @@ check_dry_run() {
     check_one_of DRY_RUN 0 1
 }
 
+# check_training: before torchrun starts N ranks that would each fail alike (and torchrun then print
+# its own traceback), check the config and this machine once: `python -m unet_dist.train --check`
+# with the interpreter torchrun runs the ranks with. Uses CONFIG, SET_ARGS, NPROC and TORCHRUN.
+check_training() {
+    [[ "${DRY_RUN:-0}" == "1" ]] && return 0
+    local ranks=0
+    [[ "$NPROC" =~ ^[0-9]+$ ]] && ranks="$NPROC"
+    "$(training_python)" -m unet_dist.train --check --torchrun-ranks "$ranks" --config "$CONFIG" "${SET_ARGS[@]}" \
+        >/dev/null || exit "$?"
+}
+
+# training_python: $PYTHON, else the python next to $TORCHRUN (torchrun's environment), else python3.
+training_python() {
+    local python="${PYTHON:-$(dirname "$(command -v "$TORCHRUN")")/python}"
+    [[ -x "$python" ]] || command -v "$python" >/dev/null 2>&1 || python="$(command -v python3 || echo python)"
+    printf '%s\n' "$python"
+}
+
 # to_set_args ARG...: fills the array SET_ARGS with the arguments, `key=value` -> `--set key=value`.
 to_set_args() {
     SET_ARGS=()

@@ -32,7 +32,8 @@ Environment (default):
   NPROC         processes per node: auto, gpu, cpu or a number (auto)
   MAX_RESTARTS  worker-group restarts before giving up (3)
   TORCHRUN      torchrun executable (torchrun)
-  PYTHON        interpreter with unet_dist installed, to find LOCAL_ADDR (python3)
+  PYTHON        interpreter with unet_dist installed, for the config check and LOCAL_ADDR
+                (the python next to TORCHRUN, else python3)
   DRY_RUN=1     print the command instead of running it
 EOF2
 }
@@ -54,6 +55,7 @@ TORCHRUN="${TORCHRUN:-torchrun}" && check_program TORCHRUN
 CONFIG="${CONFIG:-jobs/configs/cityscapes.yaml}"
 resolve_config
 to_set_args "$@"
+check_training
 if [[ -z "${IS_HOST:-}" ]]; then
     IS_HOST=false
     [[ "$NODE_RANK" == 0 ]] && IS_HOST=true
@@ -64,8 +66,7 @@ if [[ -z "${LOCAL_ADDR:-}" ]]; then
     if [[ "$IS_HOST" == true ]]; then
         LOCAL_ADDR="$MASTER_ADDR"
     elif [[ "${DRY_RUN:-0}" != 1 ]]; then
-        PYTHON="${PYTHON:-python3}" && check_program PYTHON
-        LOCAL_ADDR="$(cd "$UNET_REPO_ROOT" && "$PYTHON" -m unet_dist.distributed "$MASTER_ADDR" 2>/dev/null || true)"
+        LOCAL_ADDR="$(cd "$UNET_REPO_ROOT" && "$(training_python)" -m unet_dist.distributed "$MASTER_ADDR" 2>/dev/null || true)"
     fi
 fi
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE="${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}"

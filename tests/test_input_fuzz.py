@@ -58,7 +58,7 @@ class Entry:
 
 
 ENTRIES = {
-    "train": Entry("unet_dist.train.cli", ("train",)),
+    "train": Entry("unet_dist.train.cli", ("train", "checked")),
     "preprocess": Entry("unet_dist.preprocess", ("run", "_summary_text")),
     "demo": Entry("unet_dist.demo", ("demo",)),
     "tune": Entry("unet_dist.tune", ("run_tune",)),

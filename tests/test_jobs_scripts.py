@@ -215,3 +215,27 @@ def test_a_bad_script_variable_is_one_line_naming_it_and_nothing_runs(name, env,
 def test_a_missing_program_is_named_before_anything_runs(tmp_path):
     proc = script("torchrun_single.sh", env={"TORCHRUN": "torchrun-not-installed"})
     assert proc.returncode == 2 and proc.stderr == "error: TORCHRUN=torchrun-not-installed: no such program on PATH\n"
+
+
+def test_torchrun_scripts_check_the_config_once_before_torchrun_starts_any_rank(tmp_path):
+    """A bad key would otherwise fail in every rank, and torchrun then prints its own traceback."""
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    proc = script("torchrun_single.sh", "train.steps=10", env={"TORCHRUN": torchrun, "NPROC": "2"})
+    assert proc.returncode == 2 and not proc.stdout
+    assert proc.stderr == ("error: --set train.steps: key 'train.log_every' must be <= train.steps, "
+                           "got train.log_every=25, train.steps=10\n")
+    multi = script("torchrun_multi.sh", "train.lr=0", env={"TORCHRUN": torchrun, **MULTI})
+    assert multi.returncode == 2 and multi.stderr == "error: --set train.lr: key 'train.lr' must be > 0, got 0\n"
+
+
+@pytest.mark.slow  # imports torch in a subprocess (~5 s); the same check runs in-process in test_input_fuzz.py
+def test_torchrun_scripts_refuse_use_gpu_on_a_machine_without_cuda_before_any_rank_starts():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    proc = script("torchrun_single.sh", env={"TORCHRUN": torchrun, "CONFIG": "jobs/configs/cityscapes.yaml",
+                                             "NPROC": "1"})
+    assert proc.returncode == 2 and proc.stderr.startswith("error: train.use_gpu: true, but this torch (")
+    assert proc.stderr.count("\n") == 1 and "built without CUDA" in proc.stderr

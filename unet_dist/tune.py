@@ -1,4 +1,6 @@
-"""Hyperparameter sweeps: ``python -m unet_dist.tune --config BASE.yaml --search SWEEP.yaml``.
+"""Hyperparameter sweeps with Ray Tune over the one training loop, tracked in MLflow.
+
+    python -m unet_dist.tune --config BASE.yaml --search SWEEP.yaml [--set key=value ...]
 
 Ray Tune runs one trial per sampled config. Each trial is a function trainable that builds the same
 TorchTrainer as ``python -m unet_dist.train`` (launch.ray_trainer, over the one loop) and fits it,

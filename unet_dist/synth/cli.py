@@ -1,4 +1,6 @@
-"""``python -m unet_dist.synth``: write a synthetic Cityscapes-like dataset in a raw layout.
+"""Write a synthetic Cityscapes-like dataset in a raw layout (side-by-side pairs, or the official tree).
+
+Examples::
 
     python -m unet_dist.synth --layout pairs --out data/synth --train 200 --val 40 --seed 0
     python -m unet_dist.synth --layout cityscapes --out data/synth_cs --train 20 --val 5 --size 256x512

@@ -1,4 +1,4 @@
-"""Train the U-Net: ``python -m unet_dist.train --config FILE [--set key=value ...]``.
+"""Train the U-Net on preprocessed shards, with Ray Train or under torchrun, tracked in MLflow.
 
 Under torchrun (its RANK/WORLD_SIZE/LOCAL_RANK variables are set) every rank runs the loop with
 torch.distributed; otherwise a Ray Train TorchTrainer runs it on ``$RAY_ADDRESS`` or a local Ray.
@@ -43,13 +43,16 @@ def summary_lines(summary: dict, wall_s: float) -> list[str]:
     ]
 
 
-def check_environment(cfg: Config) -> None:
+def check_environment(cfg: Config, torchrun_ranks: int | None = None) -> None:
     """What the config cannot say alone, checked before any heavy import but the one it needs:
-    under torchrun, this machine's CUDA for ``train.use_gpu``; under Ray, that ``$RAY_ADDRESS``
-    answers (the cluster's GPUs are checked once Ray is joined, by the launcher)."""
+    under torchrun (or for the ``torchrun_ranks`` a jobs/ script is about to start), this machine's
+    CUDA for ``train.use_gpu``; under Ray, that ``$RAY_ADDRESS`` answers (the cluster's GPUs are
+    checked once Ray is joined, by the launcher)."""
     if under_torchrun():
         local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
         devices.check_torchrun_gpus(cfg.train.use_gpu, local)
+    elif torchrun_ranks is not None:
+        devices.check_torchrun_gpus(cfg.train.use_gpu, max(1, torchrun_ranks))
     else:
         ray_address.check()
 
@@ -59,14 +62,25 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, Config]:
     parser = cli.parser("python -m unet_dist.train", __doc__, config=True)
     parser.add_argument("--summary-json", metavar="FILE", type=cli.non_empty,
                         help="also write the final summary as JSON")
+    parser.add_argument("--check", action="store_true",
+                        help="run every check (config, this machine, $RAY_ADDRESS), then exit without training")
+    parser.add_argument("--torchrun-ranks", type=cli.natural, metavar="N",
+                        help="with --check: check this machine for a torchrun launch of N ranks (0: as many as "
+                             "torchrun picks) instead of a Ray one; the jobs/torchrun_*.sh scripts do this first")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.torchrun_ranks is not None and not args.check:
+        cli.fail("--torchrun-ranks", "only with --check (torchrun itself tells the ranks how many they are)")
     cfg = config_from_args(args)
-    check_environment(cfg)
+    check_environment(cfg, args.torchrun_ranks)
     return args, cfg
 
 
 def main(argv: list[str] | None = None) -> None:
-    cli.run_main(lambda: train(*parse(argv)))
+    cli.run_main(lambda: checked() if (parsed := parse(argv))[0].check else train(*parsed))
+
+
+def checked() -> None:
+    print("checked: the config, this machine and its environment; nothing started")
 
 
 def train(args: argparse.Namespace, cfg: Config) -> None:
