@@ -305,6 +305,8 @@ def test_every_referenced_object_is_defined(overlay):
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_commands_name_real_entry_points_and_config_files(overlay):
+    from unet_dist import config as config_module
+
     dockerfile = (REPO / "Dockerfile").read_text()
     assert re.search(r"^COPY\s+jobs\s+\S*jobs/?\s*$", dockerfile, re.M), "the image must carry jobs/ at /app/jobs"
     assert re.search(r"^WORKDIR\s+/app\s*$", dockerfile, re.M)
@@ -318,6 +320,8 @@ def test_commands_name_real_entry_points_and_config_files(overlay):
                 assert config.startswith("/app/jobs/configs/"), f"{where(obj)}: --config {config} is not in the image's jobs/configs"
                 assert (REPO / "jobs" / "configs" / Path(config).name).is_file(), f"{where(obj)}: {config} does not exist"
                 seen_configs.add(Path(config).name)
+                # the config and the command's --set overrides pass the config's own checks
+                config_module.load_config(REPO / "jobs" / "configs" / Path(config).name, re.findall(r"--set[= ](\S+)", command))
             for search in re.findall(r"--search[= ](\S+)", command):
                 assert search.startswith("/app/jobs/sweeps/"), f"{where(obj)}: --search {search} is not in the image's jobs/sweeps"
                 assert (REPO / "jobs" / "sweeps" / Path(search).name).is_file(), f"{where(obj)}: {search} does not exist"
