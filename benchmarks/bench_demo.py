@@ -78,7 +78,8 @@ def main() -> None:
                    help="evaluate every N steps for a finer history (adds to the loop's time); 0: the configs' own")
     args = p.parse_args()
     t0 = C.header("Demo time to accuracy: today's defaults vs before issue 16", args)
-    quick = ["train.steps=6", "train.eval_every=3", "train.checkpoint_every=3"] if args.quick else []
+    quick = ["train.steps=6", "train.eval_every=3", "train.checkpoint_every=3", "train.warmup_steps=2",
+             "train.log_every=3"] if args.quick else []
     if args.quick:
         args.baseline_repeats = 1
     shards = demo_shards(C.cache_dir(args.cache))

@@ -102,6 +102,7 @@ def main() -> None:
                             "train.eval_batches=1", f"train.checkpoint_every={steps}",
                             f"train.checkpoint_dir={tmp}/ckpt", f"train.run_name=bench-{n}", f"train.workers={WORLD}",
                             "train.cpus_per_worker=1", f"train.batch_size={BATCH}", "train.loader_workers=1",
+                            "train.warmup_steps=1",
                             f"mlflow.tracking_uri=sqlite:///{db}", "mlflow.log_model=false",
                             "mlflow.registered_model=", "mlflow.system_metrics=false"]
                     results.setdefault((width, kind), []).append(launch(kind, sets, timeout=400))

@@ -235,7 +235,7 @@ def loop_syncs(args, cache, dev) -> dict:
     for steps in (n, 2 * n):
         crop = "[64,128]" if args.quick else "[512,1024]"
         cfg = load_config(C.REPO / "jobs/configs/cityscapes.yaml", [
-            *base, f"train.steps={steps}", f"train.log_every={log_every}", "train.eval_every=0",
+            *base, f"train.steps={steps}", f"train.log_every={log_every}", "train.eval_every=0", "train.warmup_steps=5",
             f"train.checkpoint_every={10 * steps}", f"train.checkpoint_dir={cache / 'gpu-ckpt'}",
             f"train.run_name=syncs-{steps}", f"train.crop={crop}", f"train.batch_size={args.batch}",
             "train.eval_batches=1", "train.compile=false", "mlflow.log_model=false",

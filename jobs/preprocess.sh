@@ -19,9 +19,11 @@ EOF2
 }
 
 [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]] && { usage; exit 0; }
+check_dry_run
 CONFIG="${CONFIG:-jobs/configs/pairs.yaml}"
 resolve_config
 to_set_args "$@"
 
 PYTHON="${PYTHON:-$(command -v python || command -v python3 || echo python)}"
+check_program PYTHON
 run "$PYTHON" -m unet_dist.preprocess --config "$CONFIG" "${SET_ARGS[@]}"

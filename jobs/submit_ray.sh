@@ -58,7 +58,16 @@ while (($#)); do
 done
 to_set_args "$@"
 
+check_dry_run
 [[ "$MODULE" =~ ^[a-z_]+$ ]] || die "MODULE=$MODULE: expected a module name such as train or preprocess"
+[[ "$ADDRESS" =~ ^(https?|ray)://[^[:space:]/]+/?$ ]] \
+    || die "RAY_ADDRESS=$ADDRESS: expected the job server's address, e.g. http://HEAD:8265 (the dashboard port)"
+[[ -z "$SUBMISSION_ID" ]] || check_name SUBMISSION_ID
+[[ -z "${ENTRYPOINT_NUM_CPUS:-}" ]] || check_number ENTRYPOINT_NUM_CPUS
+[[ -z "${ENTRYPOINT_NUM_GPUS:-}" ]] || check_number ENTRYPOINT_NUM_GPUS
+[[ "${FORWARD_ENV:-MLFLOW_TRACKING_URI}" =~ ^[[:space:]]*([A-Za-z_][A-Za-z0-9_]*[[:space:]]*)*$ ]] \
+    || die "FORWARD_ENV=$FORWARD_ENV: expected variable names separated by spaces"
+check_program PYTHON
 [[ -f "$RUNTIME_ENV" ]] || die "RUNTIME_ENV=$RUNTIME_ENV: file not found"
 # A relative config travels inside the uploaded working directory, so it must exist in this repo.
 if [[ "$CONFIG" != /* && ! -f "$UNET_REPO_ROOT/$CONFIG" ]]; then

@@ -32,7 +32,8 @@ Environment (default):
   NPROC         processes per node: auto, gpu, cpu or a number (auto)
   MAX_RESTARTS  worker-group restarts before giving up (3)
   TORCHRUN      torchrun executable (torchrun)
-  PYTHON        interpreter with unet_dist installed, to find LOCAL_ADDR (python3)
+  PYTHON        interpreter with unet_dist installed, for the config check and LOCAL_ADDR
+                (the python next to TORCHRUN, else python3)
   DRY_RUN=1     print the command instead of running it
 EOF2
 }
@@ -41,32 +42,45 @@ EOF2
 [[ -n "${NNODES:-}" ]] || die "NNODES is not set (number of nodes, e.g. NNODES=2)"
 [[ -n "${NODE_RANK:-}" ]] || die "NODE_RANK is not set (0 on the first node, 1 on the next, ...)"
 [[ -n "${MASTER_ADDR:-}" ]] || die "MASTER_ADDR is not set (the rendezvous node's host name or address)"
+check_dry_run
+check_nnodes NNODES
+check_count NODE_RANK 0
+((10#$NODE_RANK < 10#${NNODES##*:})) || die "NODE_RANK=$NODE_RANK: expected 0..$((10#${NNODES##*:} - 1)) (NNODES=$NNODES)"
+check_host MASTER_ADDR
+MASTER_PORT="${MASTER_PORT:-29500}" && check_port MASTER_PORT
+RUN_ID="${RUN_ID:-unet-dist}" && check_name RUN_ID
+NPROC="${NPROC:-auto}" && check_nproc NPROC
+MAX_RESTARTS="${MAX_RESTARTS:-3}" && check_count MAX_RESTARTS 0
+TORCHRUN="${TORCHRUN:-torchrun}" && check_program TORCHRUN
 CONFIG="${CONFIG:-jobs/configs/cityscapes.yaml}"
 resolve_config
 to_set_args "$@"
+check_training
 if [[ -z "${IS_HOST:-}" ]]; then
     IS_HOST=false
     [[ "$NODE_RANK" == 0 ]] && IS_HOST=true
 fi
+check_one_of IS_HOST true false
+[[ -z "${LOCAL_ADDR:-}" ]] || check_host LOCAL_ADDR
 if [[ -z "${LOCAL_ADDR:-}" ]]; then
     if [[ "$IS_HOST" == true ]]; then
         LOCAL_ADDR="$MASTER_ADDR"
     elif [[ "${DRY_RUN:-0}" != 1 ]]; then
-        LOCAL_ADDR="$(cd "$UNET_REPO_ROOT" && "${PYTHON:-python3}" -m unet_dist.distributed "$MASTER_ADDR" 2>/dev/null || true)"
+        LOCAL_ADDR="$(cd "$UNET_REPO_ROOT" && "$(training_python)" -m unet_dist.distributed "$MASTER_ADDR" 2>/dev/null || true)"
     fi
 fi
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE="${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}"
 LOCAL_ADDR_ARGS=()
 [[ -n "${LOCAL_ADDR:-}" ]] && LOCAL_ADDR_ARGS=(--local-addr="$LOCAL_ADDR")
 
-run_torchrun "${TORCHRUN:-torchrun}" \
+run_torchrun "$TORCHRUN" \
     --nnodes="$NNODES" \
     --node-rank="$NODE_RANK" \
-    --nproc-per-node="${NPROC:-auto}" \
+    --nproc-per-node="$NPROC" \
     --rdzv-backend=c10d \
-    --rdzv-endpoint="$MASTER_ADDR:${MASTER_PORT:-29500}" \
-    --rdzv-id="${RUN_ID:-unet-dist}" \
+    --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" \
+    --rdzv-id="$RUN_ID" \
     --rdzv-conf="is_host=$IS_HOST" \
     "${LOCAL_ADDR_ARGS[@]}" \
-    --max-restarts="${MAX_RESTARTS:-3}" \
+    --max-restarts="$MAX_RESTARTS" \
     -m unet_dist.train --config "$CONFIG" "${SET_ARGS[@]}"

@@ -3,8 +3,9 @@
     .venv/bin/python scripts/gen_config_doc.py           # rewrite the table in place
     .venv/bin/python scripts/gen_config_doc.py --check   # exit 1 if the committed table is stale
 
-Keys, types and defaults come from the dataclasses; each meaning is the comment at the end of the
-field's line in unet_dist/config.py (read with ast + tokenize), so the code is the one source.
+Keys, types, accepted values and defaults come from the dataclasses (each field's ``Annotated``
+constraint and the cross-field ``RULES``); each meaning is the comment at the end of the field's
+line in unet_dist/config.py (read with ast + tokenize), so the code is the one source.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from unet_dist import config  # noqa: E402
+from unet_dist import config, constraints  # noqa: E402
 
 DOC = REPO / "docs" / "configuration.md"
 START, END = "<!-- config-table:start (scripts/gen_config_doc.py) -->", "<!-- config-table:end -->"
@@ -44,7 +45,7 @@ def field_comments() -> dict[tuple[str, str], str]:
 
 def type_name(tp) -> str:
     if typing.get_origin(tp) is typing.Literal:
-        return " / ".join(typing.get_args(tp))
+        return "str"  # its values are in the "accepted" column
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         inner = [a for a in typing.get_args(tp) if a is not type(None)]
         return f"{type_name(inner[0])} or null"
@@ -65,15 +66,28 @@ def default_text(value) -> str:
     return repr(value)
 
 
-def rows() -> list[tuple[str, str, str, str]]:
-    """(key, type, default, meaning) for every key, in declaration order."""
+def accepted(section: str, cls: type, name: str) -> str:
+    """What the key accepts: its declared constraint (unet_dist/constraints.py) and the rules of
+    unet_dist/config.py that name it first."""
+    parts = [str(c) for c in constraints.field_constraints(cls)[name]]
+    if not parts:  # the type says it all
+        tp = typing.get_type_hints(cls)[name]
+        parts = ["one of " + ", ".join(typing.get_args(tp)) if typing.get_origin(tp) is typing.Literal
+                 else {bool: "true or false", str: "any text"}.get(tp, "any")]
+    parts += [rule.text for rule in config.RULES if rule.keys[0] == f"{section}.{name}"]
+    return "; ".join(parts)
+
+
+def rows() -> list[tuple[str, str, str, str, str]]:
+    """(key, type, accepted values, default, meaning) for every key, in declaration order."""
     comments, out = field_comments(), []
     root = config.Config()
     for section in dataclasses.fields(root):
         obj = getattr(root, section.name)
         hints = typing.get_type_hints(type(obj))
         for f in dataclasses.fields(obj):
-            out.append((f"{section.name}.{f.name}", type_name(hints[f.name]), default_text(getattr(obj, f.name)),
+            out.append((f"{section.name}.{f.name}", type_name(hints[f.name]),
+                        accepted(section.name, type(obj), f.name), default_text(getattr(obj, f.name)),
                         comments[(type(obj).__name__, f.name)]))
     return out
 
@@ -82,8 +96,8 @@ def table() -> str:
     def cell(text: str) -> str:
         return text.replace("|", "\\|")
 
-    lines = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
-    lines += [f"| `{k}` | {cell(t)} | `{cell(d)}` | {cell(m)} |" for k, t, d, m in rows()]
+    lines = ["| key | type | accepted | default | meaning |", "| --- | --- | --- | --- | --- |"]
+    lines += [f"| `{k}` | {cell(t)} | {cell(a)} | `{cell(d)}` | {cell(m)} |" for k, t, a, d, m in rows()]
     return "\n".join(lines)
 
 

@@ -178,3 +178,65 @@ def test_runtime_env_refuses_to_forward_credentials(secret):
         [sys.executable, str(JOBS / "ray" / "job_tool.py"), "runtime-env", str(JOBS / "ray" / "runtime_env.yaml")],
         capture_output=True, text=True, env={**os.environ, "FORWARD_ENV": f"MLFLOW_TRACKING_URI {secret}"})
     assert proc.returncode == 2 and secret in proc.stderr and not proc.stdout
+
+
+# Each script's variables, wrong in every way a tired hand types them: one line naming the variable,
+# exit code 2, nothing run (DRY_RUN=1 would otherwise print the command).
+MULTI = {"NNODES": "2", "NODE_RANK": "0", "MASTER_ADDR": "node0"}
+BAD_VARIABLES = [
+    ("torchrun_single.sh", {}, "NPROC", ["abc", "0", "-1", "2.5"]),  # empty: the default, auto
+    ("torchrun_single.sh", {}, "MAX_RESTARTS", ["-1", "x", "1e3"]),
+    ("torchrun_single.sh", {}, "DRY_RUN", ["yes", "true"]),
+    ("torchrun_multi.sh", MULTI, "NNODES", ["0", "two", "3:2", "1:", "-2"]),
+    ("torchrun_multi.sh", MULTI, "NODE_RANK", ["-1", "x", "2", "9"]),
+    ("torchrun_multi.sh", MULTI, "MASTER_ADDR", ["node0:29500", "a b", "http://node0"]),
+    ("torchrun_multi.sh", MULTI, "MASTER_PORT", ["0", "65536", "http"]),
+    ("torchrun_multi.sh", MULTI, "RUN_ID", ["a/b", "x y", "-r"]),
+    ("torchrun_multi.sh", MULTI, "IS_HOST", ["yes", "1"]),
+    ("torchrun_multi.sh", MULTI, "NPROC", ["abc", "0"]),
+    ("torchrun_multi.sh", MULTI, "LOCAL_ADDR", ["a b", "10.0.0.1:1"]),
+    ("submit_ray.sh", {}, "RAY_ADDRESS", ["10.0.0.1:6379", "localhost", "http://"]),
+    ("submit_ray.sh", {}, "ENTRYPOINT_NUM_CPUS", ["x", "-1"]),
+    ("submit_ray.sh", {}, "ENTRYPOINT_NUM_GPUS", ["one"]),
+    ("submit_ray.sh", {}, "SUBMISSION_ID", ["a b", "a/b"]),
+    ("submit_ray.sh", {}, "FORWARD_ENV", ["A,B", "1X"]),
+    ("submit_ray.sh", {}, "RAY_AUTH_MODE", ["off"]),
+]
+
+
+@pytest.mark.parametrize("name, env, variable, value",
+                         [(n, e, v, x) for n, e, v, values in BAD_VARIABLES for x in values])
+def test_a_bad_script_variable_is_one_line_naming_it_and_nothing_runs(name, env, variable, value):
+    proc = script(name, env={**env, "DRY_RUN": "1", variable: value})
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert proc.stderr.splitlines() == [proc.stderr.strip()] and proc.stderr.startswith(f"error: {variable}=")
+    assert not proc.stdout
+
+
+def test_a_missing_program_is_named_before_anything_runs(tmp_path):
+    proc = script("torchrun_single.sh", env={"TORCHRUN": "torchrun-not-installed"})
+    assert proc.returncode == 2 and proc.stderr == "error: TORCHRUN=torchrun-not-installed: no such program on PATH\n"
+
+
+def test_torchrun_scripts_check_the_config_once_before_torchrun_starts_any_rank(tmp_path):
+    """A bad key would otherwise fail in every rank, and torchrun then prints its own traceback."""
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    proc = script("torchrun_single.sh", "train.steps=10", env={"TORCHRUN": torchrun, "NPROC": "2"})
+    assert proc.returncode == 2 and not proc.stdout
+    assert proc.stderr == ("error: --set train.steps: key 'train.log_every' must be <= train.steps, "
+                           "got train.log_every=25, train.steps=10\n")
+    multi = script("torchrun_multi.sh", "train.lr=0", env={"TORCHRUN": torchrun, **MULTI})
+    assert multi.returncode == 2 and multi.stderr == "error: --set train.lr: key 'train.lr' must be > 0, got 0\n"
+
+
+@pytest.mark.slow  # imports torch in a subprocess (~5 s); the same check runs in-process in test_input_fuzz.py
+def test_torchrun_scripts_refuse_use_gpu_on_a_machine_without_cuda_before_any_rank_starts():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    proc = script("torchrun_single.sh", env={"TORCHRUN": torchrun, "CONFIG": "jobs/configs/cityscapes.yaml",
+                                             "NPROC": "1"})
+    assert proc.returncode == 2 and proc.stderr.startswith("error: train.use_gpu: true, but this torch (")
+    assert proc.stderr.count("\n") == 1 and "built without CUDA" in proc.stderr

@@ -204,6 +204,40 @@ def test_custom_resources_carry_the_fields_their_operators_require(overlay):
             assert "pytorch" in names, f"PyTorchJob {role}: the operator needs a container named 'pytorch'"
 
 
+SHUTDOWN_TIMEOUT = "--shutdown-timeout=110"  # docs/preemption.md: ranks get this long to checkpoint
+
+
+def torchrun_commands(objects: list[dict]) -> list[tuple[str, str, int | None]]:
+    """(object, torchrun command line, the pod's grace period) for every torchrun a render starts:
+    a TrainJob's trainer command (grace period from its TrainingRuntime) and each PyTorchJob role."""
+    grace = {r["metadata"]["name"]: node["template"]["spec"]["template"]["spec"].get("terminationGracePeriodSeconds")
+             for r in objects if r["kind"] == "TrainingRuntime"
+             for node in r["spec"]["template"]["spec"]["replicatedJobs"] if node["name"] == "node"}
+    out = []
+    for obj in objects:
+        name = f"{obj['kind']}/{obj['metadata']['name']}"
+        if obj["kind"] == "TrainJob":
+            out.append((name, " ".join(obj["spec"]["trainer"]["command"]), grace.get(obj["spec"]["runtimeRef"]["name"])))
+        elif obj["kind"] == "PyTorchJob":
+            for role, rs in obj["spec"]["pytorchReplicaSpecs"].items():
+                pod = rs["template"]["spec"]
+                out.append((f"{name} {role}", " ".join(pod["containers"][0].get("args", [])),
+                            pod.get("terminationGracePeriodSeconds")))
+    return out
+
+
+@pytest.mark.parametrize("rel", ["base/trainjob", "base/pytorchjob",
+                                 *(f"overlays/{o}/{x}" for o in OVERLAYS for x in ("trainjob", "pytorchjob"))])
+def test_every_torchrun_render_keeps_the_shutdown_timeout_within_the_grace_period(rel):
+    """docs/preemption.md promises it on every training pod: without it torchrun SIGKILLs the ranks
+    30 s after SIGTERM, before a large checkpoint is written."""
+    found = torchrun_commands(render(rel))
+    assert found, f"k8s/{rel} starts no torchrun"
+    for name, command, grace in found:
+        assert SHUTDOWN_TIMEOUT in command, f"k8s/{rel}: {name} runs torchrun without {SHUTDOWN_TIMEOUT}: {command}"
+        assert grace is not None and grace > 110, f"k8s/{rel}: {name}: grace period {grace} s is not above 110 s"
+
+
 def external_secrets() -> set[str]:
     lines = (K8S / "EXTERNAL_SECRETS").read_text().splitlines()
     return {line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")}
@@ -271,6 +305,8 @@ def test_every_referenced_object_is_defined(overlay):
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_commands_name_real_entry_points_and_config_files(overlay):
+    from unet_dist import config as config_module
+
     dockerfile = (REPO / "Dockerfile").read_text()
     assert re.search(r"^COPY\s+jobs\s+\S*jobs/?\s*$", dockerfile, re.M), "the image must carry jobs/ at /app/jobs"
     assert re.search(r"^WORKDIR\s+/app\s*$", dockerfile, re.M)
@@ -284,6 +320,8 @@ def test_commands_name_real_entry_points_and_config_files(overlay):
                 assert config.startswith("/app/jobs/configs/"), f"{where(obj)}: --config {config} is not in the image's jobs/configs"
                 assert (REPO / "jobs" / "configs" / Path(config).name).is_file(), f"{where(obj)}: {config} does not exist"
                 seen_configs.add(Path(config).name)
+                # the config and the command's --set overrides pass the config's own checks
+                config_module.load_config(REPO / "jobs" / "configs" / Path(config).name, re.findall(r"--set[= ](\S+)", command))
             for search in re.findall(r"--search[= ](\S+)", command):
                 assert search.startswith("/app/jobs/sweeps/"), f"{where(obj)}: --search {search} is not in the image's jobs/sweeps"
                 assert (REPO / "jobs" / "sweeps" / Path(search).name).is_file(), f"{where(obj)}: {search} does not exist"

@@ -87,9 +87,14 @@ def test_a_negative_dice_weight_is_refused_naming_the_key():
 
 
 def test_a_negative_dice_weight_stops_the_job_in_preflight_before_anything_starts(tmp_path):
+    import dataclasses
+
     from unet_dist.config import load_config
     from unet_dist.train.launch import preflight
 
-    cfg = load_config(None, ["train.dice=-1", f"shards.dir={tmp_path / 'none'}"])  # no shards: dice is checked first
-    with pytest.raises(UnetDistError, match=r"^train\.dice must be >= 0 .* got -1\.0$"):
+    with pytest.raises(UnetDistError, match=r"^--set train\.dice: key 'train\.dice' must be >= 0, got -1$"):
+        load_config(None, ["train.dice=-1"])
+    cfg = load_config(None, [f"shards.dir={tmp_path / 'none'}"])  # no shards: the config is checked first
+    cfg.train = dataclasses.replace(cfg.train, dice=-1.0)  # a config built in code
+    with pytest.raises(UnetDistError, match=r"^config: key 'train\.dice' must be >= 0, got -1$"):
         preflight(cfg)

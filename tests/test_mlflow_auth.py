@@ -83,7 +83,7 @@ def test_anonymous_requests_are_refused_and_health_stays_open(auth_server):
 
 
 TINY = ["model.width=4", "model.depth=3", "train.crop=[32,32]", "train.batch_size=2", "train.loader_workers=0",
-        "train.eval_every=2", "train.log_every=1", "train.checkpoint_every=2", "mlflow.system_metrics=false",
+        "train.eval_every=2", "train.log_every=1", "train.warmup_steps=0", "train.checkpoint_every=2", "mlflow.system_metrics=false",
         "mlflow.experiment=auth", "mlflow.registered_model=unet-auth"]
 
 

@@ -29,7 +29,8 @@ from unet_dist import checkpoint
 pytestmark = pytest.mark.slow
 
 TINY = ["model.width=4", "model.depth=3", "train.crop=[32,32]", "train.batch_size=2", "train.loader_workers=0",
-        "train.eval_every=0", "train.log_every=1", "train.checkpoint_every=5", "mlflow.system_metrics=false",
+        "train.eval_every=0", "train.log_every=1", "train.warmup_steps=0", "train.checkpoint_every=5",
+        "mlflow.system_metrics=false",
         "mlflow.log_model=false", "mlflow.registered_model=", "shards.dir=/mnt/shared/shards",
         "train.checkpoint_dir=/mnt/shared/ckpt"]
 TWINS = {"twin0": "twin", "twin1": "twin"}  # two machines with one host name, resolving to 127.0.1.1

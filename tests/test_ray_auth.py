@@ -96,7 +96,7 @@ def test_submit_ray_with_the_token_file_trains_a_tiny_model(token_head, small_sh
     sets = [f"shards.dir={small_shards}", f"train.checkpoint_dir={ckpt}", "train.steps=2", "train.workers=2",
             "train.run_name=ray-auth", "train.checkpoint_every=2", "train.eval_every=2", "train.batch_size=2",
             "train.crop=[32,32]", "train.loader_workers=0", "model.width=4", "model.depth=3",
-            "mlflow.experiment=ray-auth"]
+            "train.log_every=1", "train.warmup_steps=0", "mlflow.experiment=ray-auth"]
     env = token_env(home, RAY_ADDRESS=token_head["dashboard"], CONFIG="jobs/configs/demo.yaml",
                     MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
     proc = run(["bash", str(SUBMIT), *sets], cwd=tmp_path, env=env, timeout=420)

@@ -22,7 +22,7 @@ MODEL_NAME = "unet-test"
 def submit(ray_head, mlflow_uri, tmp, shards, steps):
     sets = [f"shards.dir={shards}", f"train.checkpoint_dir={tmp / 'ckpt'}", f"train.steps={steps}",
             "train.run_name=ray-test", "train.workers=2", "train.checkpoint_every=3", "train.eval_every=3",
-            "train.log_every=1", "train.batch_size=2", "train.crop=[32,32]", "train.loader_workers=0",
+            "train.log_every=1", "train.warmup_steps=0", "train.batch_size=2", "train.crop=[32,32]", "train.loader_workers=0",
             "model.width=4", "model.depth=3", "mlflow.experiment=ray-tests",
             f"mlflow.registered_model={MODEL_NAME}", "mlflow.system_metrics=true", "mlflow.system_metrics_interval=0.5"]
     env = clean_env(RAY_ADDRESS=ray_head["dashboard"], MLFLOW_TRACKING_URI=mlflow_uri,

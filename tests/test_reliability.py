@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
@@ -38,8 +39,8 @@ from unet_dist.labels import IGNORE
 from unet_dist import checkpoint
 
 TINY = ["model.width=4", "model.depth=3", "train.crop=[32,32]", "train.batch_size=2", "train.loader_workers=0",
-        "train.eval_every=0", "train.log_every=1", "mlflow.system_metrics=false", "mlflow.log_model=false",
-        "mlflow.registered_model="]
+        "train.eval_every=0", "train.log_every=1", "train.warmup_steps=0", "mlflow.system_metrics=false",
+        "mlflow.log_model=false", "mlflow.registered_model="]
 # A real divergence: AdamW's decoupled weight decay multiplies every weight by (1 - lr * wd) per step.
 # At lr 1e-3 and wd 1e4 (x -9) without BatchNorm the loss is no longer finite at step 4, after a good
 # checkpoint at step 2. With BatchNorm and wd 1e5 (x -99) the loss stays finite for longer, but the
@@ -510,7 +511,7 @@ def test_yaml_python_tags_are_refused_with_one_line(tmp_path):
     cfg = tmp_path / "evil.yaml"
     cfg.write_text(f"train: !!python/object/apply:os.system ['touch {marker}']\n")
     proc = run([sys.executable, "-m", "unet_dist.train", "--config", str(cfg)], cwd=tmp_path, check=False)
-    assert_only_error(proc, f"{cfg}: not valid YAML", "python/object/apply:os.system")
+    assert_only_error(proc, f"{cfg}: line 1, column 8: not valid YAML", "python/object/apply:os.system")
     assert not marker.exists()
 
 
@@ -519,6 +520,11 @@ def test_package_writes_no_pickles_and_loads_only_with_weights_only():
     forbidden = re.compile(r"^\s*(import|from)\s+(pickle|cPickle|cloudpickle|dill|joblib|shelve|marshal)\b|"
                            r"allow_pickle\s*=\s*True|\.to_pickle\(|yaml\.(load|unsafe_load|full_load)\(|"
                            r"yaml\.(Unsafe|Full)?Loader\b", re.M)
+    # strict_yaml.py is the one yaml.load: its loader is a SafeLoader that also refuses duplicate keys
+    from unet_dist import strict_yaml
+
+    assert issubclass(strict_yaml._Loader, yaml.SafeLoader) and "Loader=_Loader)" in sources["unet_dist/strict_yaml.py"]
+    sources["unet_dist/strict_yaml.py"] = sources["unet_dist/strict_yaml.py"].replace("yaml.load(text, Loader=_Loader)", "")
     assert {f: forbidden.findall(s) for f, s in sources.items() if forbidden.search(s)} == {}
     loads = [(f, call) for f, s in sources.items() for call in re.findall(r"torch\.load\(([^)]*)\)", s)]
     assert loads and all("weights_only=True" in call for _, call in loads), loads

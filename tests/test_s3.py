@@ -25,6 +25,7 @@ pytestmark = pytest.mark.slow  # an S3 server process, preprocess/torchrun/Ray j
 
 SETS = ["data.resize=[64,64]", "quantize.sample_pixels=20000", "shards.samples_per_shard=1", "shards.processes=2"]
 TRAIN = ["train.batch_size=2", "train.crop=[32,32]", "train.loader_workers=1", "train.log_every=1",
+         "train.warmup_steps=0",
          "model.width=4", "model.depth=3", "train.eval_every=3", "train.checkpoint_every=3",
          "mlflow.registered_model=", "mlflow.system_metrics=false"]
 

@@ -35,5 +35,5 @@ def test_stopping_checks_come_before_the_last_step_only():
 
 
 def test_schedule_of_a_config_takes_its_train_keys():
-    cfg = load_config(overrides=["train.steps=12", "train.log_every=5", "train.eval_every=6", "train.checkpoint_every=4"])
+    cfg = load_config(overrides=["train.steps=12", "train.warmup_steps=0", "train.log_every=5", "train.eval_every=6", "train.checkpoint_every=4"])
     assert Schedule.of(cfg.train) == Schedule(steps=12, log_every=5, eval_every=6, checkpoint_every=4)

@@ -254,7 +254,7 @@ def test_wrong_azure_key_is_one_line_access_denied(azurite, store_env, monkeypat
 
 
 @pytest.mark.parametrize("entry, args, needles", [
-    ("unet_dist.evaluate", ["--model", "runs/none", "--shards", "s3:/bucket/x"], ["s3:/bucket/x", "s3://BUCKET/PREFIX"]),
+    ("unet_dist.evaluate", ["--shards", "s3:/bucket/x", "--model", "runs/none"], ["s3:/bucket/x", "s3://BUCKET/PREFIX"]),
     ("unet_dist.preprocess", ["--set", "data.root=s3://bucket/raw", "--set", "shards.dir=shards"],
      ["data.root: s3://bucket/raw", "raw data must be a local path"]),
 ])

@@ -148,5 +148,6 @@ def test_killed_run_leaves_only_whole_files_and_resumes(tmp_path):
 def test_cli_reports_a_bad_size_as_one_line(tmp_path):
     proc = _synth("--layout", "cityscapes", "--out", "x", "--size", "256by512", cwd=tmp_path)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == ["error: --size: expected HEIGHTxWIDTH such as 256x512, got '256by512'"]
+    assert proc.stderr.strip().splitlines() == ["error: --size: expected HEIGHTxWIDTH such as 256x512, each 16..4096 "
+                                                "pixels, got '256by512' (see python -m unet_dist.synth --help)"]
     assert not (tmp_path / "x").exists()

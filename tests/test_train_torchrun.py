@@ -12,7 +12,7 @@ from unet_dist import checkpoint
 pytestmark = pytest.mark.slow  # torchrun with two gloo ranks
 
 TINY = ["model.width=4", "model.depth=3", "train.crop=[32,32]", "train.batch_size=2", "train.loader_workers=0",
-        "train.eval_every=0", "train.log_every=2", "mlflow.system_metrics=false", "mlflow.log_model=false"]
+        "train.eval_every=0", "train.log_every=2", "train.warmup_steps=0", "mlflow.system_metrics=false", "mlflow.log_model=false"]
 
 
 def torchrun(tmp: Path, shards: Path, steps: int, *extra: str, nproc: int = 2, restarts: int = 0):

@@ -74,7 +74,7 @@ def test_shipped_sweeps_load_against_their_base_configs():
     ({"space": {}}, r"key 'space' must name at least one config key"),
     ({"metric": "val/loss"}, r"key 'metric' must be one of val/miou"),
     ({"resources__workers": 0}, r"key 'resources\.workers' must be >= 1"),
-    ({"resources__gpus_per_worker": 2}, r"key 'resources\.gpus_per_worker' must be 0, a fraction, or 1"),
+    ({"resources__gpus_per_worker": 2}, r"key 'resources\.gpus_per_worker' must be in \[0, 1\]"),
     ({"resources__cpu": 2}, r"unknown key 'resources\.cpu'"),
     ({"asha__reduction_factor": 1}, r"key 'asha\.reduction_factor' must be > 1"),
 ])

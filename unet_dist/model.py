@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from unet_dist.config import ModelConfig, Padding
+from unet_dist.unet_geometry import check_depth, is_valid, margin, output_size, valid_input_size  # noqa: F401 - re-exported
 
 PADDINGS = typing.get_args(Padding)
 
@@ -52,58 +53,6 @@ def mirror_pad(x: torch.Tensor, top: int, bottom: int, left: int, right: int) ->
     rows = _reflect_index(h, top, bottom, x.device)
     cols = _reflect_index(w, left, right, x.device)
     return x.index_select(-2, rows).index_select(-1, cols)
-
-
-def margin(depth: int) -> int:
-    """Pixels lost per side in valid mode: 92 at depth 5, 2 at depth 1.
-
-    Each level loses 4 pixels (two 3x3 convs) at its own scale on the way down (levels 0..depth-1) and
-    on the way up (levels 0..depth-2): 4(2^d - 1) + 4(2^(d-1) - 1) in total, half of it per side.
-    """
-    _check_depth(depth)
-    return (12 * 2 ** (depth - 1) - 8) // 2
-
-
-def output_size(in_size: int, depth: int, padding: str = "valid") -> int:
-    """Output side for an input side; ``ValueError`` if valid mode cannot take this size exactly."""
-    _check_depth(depth)
-    if padding == "same":
-        return in_size
-    if padding != "valid":
-        raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
-    s = in_size
-    for _ in range(depth - 1):  # contracting path: DoubleConv, then pool
-        s -= 4
-        if s <= 0 or s % 2:
-            raise ValueError(f"valid U-Net of depth {depth} cannot take size {in_size} (odd map {s} before a pool)")
-        s //= 2
-    s -= 4  # bottleneck
-    for _ in range(depth - 1):  # expanding path: up-conv doubles, DoubleConv
-        s = 2 * s - 4
-    if s <= 0:
-        raise ValueError(f"valid U-Net of depth {depth} cannot take size {in_size} (output would be {s})")
-    return s
-
-
-def valid_input_size(out_size: int, depth: int) -> int:
-    """Smallest valid-mode input side whose output side is >= ``out_size`` (572 for 388 at depth 5)."""
-    size = max(int(out_size), 1) + 2 * margin(depth)
-    while not _is_valid(size, depth):  # valid sizes repeat every 2^(depth-1) pixels: a short loop
-        size += 1
-    return size
-
-
-def _is_valid(size: int, depth: int) -> bool:
-    try:
-        output_size(size, depth, "valid")
-        return True
-    except ValueError:
-        return False
-
-
-def _check_depth(depth: int) -> None:
-    if not isinstance(depth, int) or depth < 1:
-        raise ValueError(f"depth must be an int >= 1, got {depth!r}")
 
 
 def _center_crop(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -170,7 +119,7 @@ class UNet(nn.Module):
         batch_norm: bool = False,
     ):
         super().__init__()
-        _check_depth(depth)
+        check_depth(depth)
         if padding not in PADDINGS:
             raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
         self.in_channels, self.num_classes, self.width = in_channels, num_classes, width
@@ -207,8 +156,8 @@ class UNet(nn.Module):
                 try:
                     output_size(side, self.depth, "valid")
                 except ValueError:
-                    below = next((s for s in range(side, 0, -1) if _is_valid(s, self.depth)), None)
-                    above = next(s for s in itertools.count(side) if _is_valid(s, self.depth))
+                    below = next((s for s in range(side, 0, -1) if is_valid(s, self.depth)), None)
+                    above = next(s for s in itertools.count(side) if is_valid(s, self.depth))
                     near = ", ".join(str(s) for s in (below, above) if s is not None)
                     raise ValueError(
                         f"valid U-Net (depth {self.depth}) got input {h}x{w}: each side must be a valid size, "

@@ -1,7 +1,9 @@
 """The sweep file of ``python -m unet_dist.tune``: which config keys to search, how, and on what.
 
-A sweep file is YAML, checked like a config file: an unknown key, a search space that does not fit
-the key's type, or a resource request no trial could get is one error naming the file and the key.
+A sweep file is YAML, checked like a config file (the same loader, constraints and rules): an unknown
+key, a search space that does not fit the key's type or range, a trial config the space can make
+that the config's rules refuse, or a resource request no trial could get is one error naming the
+file and the key.
 
     name: demo-sweep            # Tune experiment name; rerun with the same name to resume
     metric: val/miou
@@ -20,18 +22,21 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-import yaml
-
-from unet_dist.config import Config, apply_mapping, from_dict, set_key, to_dict
+from unet_dist.config import (SEED, Config, apply_mapping, check_key, from_dict, key_type, read_yaml_file, set_key,
+                              to_dict, validate)
+from unet_dist.constraints import Ge, Gt, Name, Within
 from unet_dist.errors import UnetDistError
 
 SPACES = ("choice", "grid", "uniform", "loguniform")
-METRICS = ("val/miou",)  # what a trial reports to Tune at each evaluation
+Metric = Literal["val/miou"]  # what a trial reports to Tune at each evaluation
+METRICS = typing.get_args(Metric)
 # Keys a sweep decides for every trial (placement, names, tracking): searching them makes no sense.
 RESERVED = ("train.workers", "train.cpus_per_worker", "train.use_gpu", "train.run_name",
             "train.checkpoint_dir", "train.checkpoint_every", "shards.dir")
@@ -40,26 +45,26 @@ RESERVED = ("train.workers", "train.cpus_per_worker", "train.use_gpu", "train.ru
 @dataclass
 class Asha:
     enabled: bool = True  # false: every trial runs all its steps (FIFO)
-    grace_period: int = 50  # steps a trial runs before it can be stopped
-    reduction_factor: float = 2.0  # keep the best 1/reduction_factor at each rung
+    grace_period: Annotated[int, Ge(1)] = 50  # steps a trial runs before it can be stopped
+    reduction_factor: Annotated[float, Gt(1)] = 2.0  # keep the best 1/reduction_factor at each rung
 
 
 @dataclass
 class Resources:
-    workers: int = 1  # Ray Train workers per trial
-    cpus_per_worker: int = 1
-    gpus_per_worker: float = 0.0  # >0: the trial trains on GPUs (fractions share one)
-    driver_cpus: float = 0.0  # the Tune trial that drives each Train run only waits
+    workers: Annotated[int, Ge(1)] = 1  # Ray Train workers per trial
+    cpus_per_worker: Annotated[int, Ge(1)] = 1
+    gpus_per_worker: Annotated[float, Within(0, 1)] = 0.0  # >0: the trial trains on GPUs (fractions share one; one worker drives one GPU)
+    driver_cpus: Annotated[float, Ge(0)] = 0.0  # the Tune trial that drives each Train run only waits
 
 
 @dataclass
 class Sweep:
-    name: str = "unet-sweep"
-    metric: str = "val/miou"
-    mode: str = "max"
-    num_samples: int = 1
-    max_concurrent_trials: int = 1
-    seed: int = 0
+    name: Annotated[str, Name()] = "unet-sweep"
+    metric: Metric = "val/miou"
+    mode: Literal["max", "min"] = "max"
+    num_samples: Annotated[int, Ge(1)] = 1
+    max_concurrent_trials: Annotated[int, Ge(1)] = 1
+    seed: Annotated[int, SEED] = 0
     space: dict[str, dict] = field(default_factory=dict)
     asha: Asha = field(default_factory=Asha)
     resources: Resources = field(default_factory=Resources)
@@ -67,24 +72,11 @@ class Sweep:
     digest: str = ""  # sha256 of the file's text: a resumed sweep must be the same sweep
 
 
-def _key_type(key: str) -> Any:
-    """The annotated type of a dotted Config key, or None when there is no such key."""
-    node: Any = Config
-    for part in key.split("."):
-        if not dataclasses.is_dataclass(node):
-            return None
-        hints = typing.get_type_hints(node)
-        if part not in hints:
-            return None
-        node = hints[part]
-    return None if dataclasses.is_dataclass(node) else node
-
-
 def _check_space(key: str, spec: Any, origin: str) -> None:
     where = f"{origin}: space '{key}'"
     if key in RESERVED or key.startswith("mlflow."):
         raise UnetDistError(f"{where}: set by the sweep for every trial, it cannot be searched")
-    tp = _key_type(key)
+    tp = key_type(key)
     if tp is None:
         raise UnetDistError(f"{where}: not a config key (see `python -m unet_dist.train --help` and docs)")
     if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in SPACES:
@@ -94,7 +86,7 @@ def _check_space(key: str, spec: Any, origin: str) -> None:
         if not isinstance(values, list) or not values:
             raise UnetDistError(f"{where}: {kind} expects a non-empty list of values, got {values!r}")
         for v in values:
-            set_key(Config(), key, v, where)  # the key's own type check
+            check_key(key, v, where)
         return
     if tp not in (int, float):
         raise UnetDistError(f"{where}: {kind} needs a numeric key, '{key}' is {getattr(tp, '__name__', tp)}")
@@ -106,17 +98,14 @@ def _check_space(key: str, spec: Any, origin: str) -> None:
         raise UnetDistError(f"{where}: loguniform expects low > 0, got {values!r}")
     if tp is int and not all(float(v).is_integer() for v in values):
         raise UnetDistError(f"{where}: '{key}' is an int, its bounds must be whole numbers, got {values!r}")
+    for v in values:
+        check_key(key, int(v) if tp is int else float(v), where)
 
 
 def load_sweep(path: str | Path) -> Sweep:
+    """The sweep file, checked as a config file is: types, each field's constraint, each space."""
     path = Path(path)
-    if not path.is_file():
-        raise UnetDistError(f"{path}: sweep file not found")
-    text = path.read_text()
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as e:
-        raise UnetDistError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    data = read_yaml_file(path, "sweep file") or {}
     if not isinstance(data, dict):
         raise UnetDistError(f"{path}: expected a mapping at the top level")
     for meta in ("source", "digest"):
@@ -127,41 +116,19 @@ def load_sweep(path: str | Path) -> Sweep:
         raise UnetDistError(f"{path}: key 'space' expects a mapping of config keys to spaces, got {space!r}")
     sweep = Sweep(space=space)
     apply_mapping(sweep, data, str(path))  # unknown keys and wrong types: the config's own messages
-    sweep.source, sweep.digest = str(path), hashlib.sha256(text.encode()).hexdigest()
-    origin = str(path)
-    if not sweep.name or not all(c.isalnum() or c in "-_." for c in sweep.name):
-        raise UnetDistError(f"{origin}: key 'name' expects letters, digits, '-', '_' or '.', got {sweep.name!r}")
-    if sweep.metric not in METRICS:
-        raise UnetDistError(f"{origin}: key 'metric' must be one of {'|'.join(METRICS)}, got {sweep.metric!r}")
-    if sweep.mode not in ("max", "min"):
-        raise UnetDistError(f"{origin}: key 'mode' must be one of max|min, got {sweep.mode!r}")
-    for key, low in (("num_samples", 1), ("max_concurrent_trials", 1)):
-        if getattr(sweep, key) < low:
-            raise UnetDistError(f"{origin}: key '{key}' must be >= {low}, got {getattr(sweep, key)}")
+    validate(sweep, default_origin=str(path), rules=())
+    sweep.source, sweep.digest = str(path), hashlib.sha256(path.read_bytes()).hexdigest()
     if not space:
-        raise UnetDistError(f"{origin}: key 'space' must name at least one config key to search")
+        raise UnetDistError(f"{path}: key 'space' must name at least one config key to search")
     for key, spec in sweep.space.items():
-        _check_space(key, spec, origin)
-    a, r = sweep.asha, sweep.resources
-    if a.grace_period < 1:
-        raise UnetDistError(f"{origin}: key 'asha.grace_period' must be >= 1 step, got {a.grace_period}")
-    if a.reduction_factor <= 1:
-        raise UnetDistError(f"{origin}: key 'asha.reduction_factor' must be > 1, got {a.reduction_factor:g}")
-    if r.workers < 1:
-        raise UnetDistError(f"{origin}: key 'resources.workers' must be >= 1, got {r.workers}")
-    if r.cpus_per_worker <= 0:
-        raise UnetDistError(f"{origin}: key 'resources.cpus_per_worker' must be >= 1, got {r.cpus_per_worker}")
-    for key in ("gpus_per_worker", "driver_cpus"):
-        if getattr(r, key) < 0:
-            raise UnetDistError(f"{origin}: key 'resources.{key}' must be >= 0, got {getattr(r, key):g}")
-    if r.gpus_per_worker > 1:
-        raise UnetDistError(f"{origin}: key 'resources.gpus_per_worker' must be 0, a fraction, or 1 "
-                            f"(one worker drives one GPU), got {r.gpus_per_worker:g}")
+        _check_space(key, spec, str(path))
     return sweep
 
 
 def check_against_base(sweep: Sweep, cfg: Config) -> None:
-    """What only the base config can tell: ASHA's grace period fits in the trials' steps."""
+    """What only the base config can tell: ASHA's grace period fits in the trials' steps, and every
+    trial config the space can make passes the config's own checks (each value of a choice or grid,
+    both ends of a range, in every combination)."""
     steps = max_steps(sweep, cfg)
     if sweep.asha.enabled and sweep.asha.grace_period > steps:
         raise UnetDistError(f"{sweep.source}: key 'asha.grace_period' ({sweep.asha.grace_period}) is more "
@@ -170,6 +137,25 @@ def check_against_base(sweep: Sweep, cfg: Config) -> None:
     if every <= 0:
         raise UnetDistError(f"{sweep.source}: a sweep needs train.eval_every > 0 in the base config "
                             "(trials report to Tune at each evaluation)")
+    keys = list(sweep.space)
+    corners = [_corners(key, sweep.space[key]) for key in keys]
+    if math.prod(len(c) for c in corners) > MAX_COMBINATIONS:  # check each key on its own instead
+        combos = [{k: v} for k, values in zip(keys, corners) for v in values]
+    else:
+        combos = [dict(zip(keys, combo)) for combo in itertools.product(*corners)]
+    for values in combos:
+        trial_config(cfg, values, sweep, "trial_00000", "trials")
+
+
+MAX_COMBINATIONS = 4096
+
+
+def _corners(key: str, spec: dict) -> list:
+    """The values of one space that bound every sample: a choice's or grid's values, a range's ends."""
+    kind, values = next(iter(spec.items()))
+    if kind in ("choice", "grid"):
+        return list(values)
+    return [int(v) for v in values] if key_type(key) is int else [float(v) for v in values]
 
 
 def check_cluster(sweep: Sweep, total: dict[str, float]) -> None:
@@ -200,7 +186,7 @@ def param_space(sweep: Sweep) -> dict:
     out = {}
     for key, spec in sweep.space.items():
         kind, values = next(iter(spec.items()))
-        integer = _key_type(key) is int
+        integer = key_type(key) is int
         if kind == "choice":
             out[key] = tune.choice(values)
         elif kind == "grid":
@@ -213,10 +199,12 @@ def param_space(sweep: Sweep) -> dict:
 
 
 def trial_config(base: Config, values: dict[str, Any], sweep: Sweep, trial_id: str, trials_dir: str) -> Config:
-    """The config one trial trains with: the base, the sampled values, the sweep's placement."""
+    """The config one trial trains with: the base, the sampled values, the sweep's placement; checked
+    as a config file is, an error naming the space and value that broke a rule."""
     cfg = from_dict(to_dict(base), "base config")
+    origins: dict[str, str] = {}
     for key, value in values.items():
-        set_key(cfg, key, value, f"{sweep.source}: space '{key}'")
+        set_key(cfg, key, value, f"{sweep.source}: space '{key}' value {value!r}", origins=origins)
     r = sweep.resources
     cfg.train = dataclasses.replace(
         cfg.train, workers=r.workers, cpus_per_worker=r.cpus_per_worker, use_gpu=r.gpus_per_worker > 0,
@@ -226,4 +214,5 @@ def trial_config(base: Config, values: dict[str, Any], sweep: Sweep, trial_id: s
         checkpoint_every=cfg.train.eval_every)
     cfg.mlflow = dataclasses.replace(cfg.mlflow, run_name=f"{sweep.name}/{trial_id}",
                                      registered_model="")  # only the best trial's model, by the driver
+    validate(cfg, origins, default_origin=f"{sweep.source} (with the base config)")
     return cfg

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from unet_dist import labels, storage, viz
+from unet_dist import labels, storage, tracking_store, viz
 from unet_dist.config import Config, dump_yaml, flatten
 from unet_dist.data import shards
 from unet_dist.errors import UnetDistError
@@ -31,18 +31,13 @@ from unet_dist.scoring import format_table
 from unet_dist.serving import model_log
 
 log = logging.getLogger("unet_dist.tracking")
-LOCAL_STORE = Path("runs") / "mlflow"
 
 
 def resolve_tracking_uri(cfg: Config) -> str:
     """Config, then ``$MLFLOW_TRACKING_URI``, then a sqlite store in ./runs/mlflow (absolute path,
-    so Ray workers in other directories write to the same store). The job plan pins it once."""
-    uri = cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
-    if uri:
-        return uri
-    store = LOCAL_STORE.resolve()
-    store.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{store / 'mlflow.db'}"
+    so Ray workers in other directories write to the same store; the job plan pins it once):
+    :mod:`unet_dist.tracking_store`."""
+    return tracking_store.resolve(cfg.mlflow.tracking_uri)
 
 
 def is_local_store(uri: str) -> bool:
@@ -135,6 +130,7 @@ def start_run(cfg: Config, *, resume_run_id: str | None, tags: dict[str, str]) -
     from mlflow.tracking import MlflowClient
 
     uri = pinned_uri(cfg)
+    tracking_store.prepare(uri)  # the first write to the store: its folder is made only now
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
     if resume_run_id:

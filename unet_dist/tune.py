@@ -1,4 +1,6 @@
-"""Hyperparameter sweeps: ``python -m unet_dist.tune --config BASE.yaml --search SWEEP.yaml``.
+"""Hyperparameter sweeps with Ray Tune over the one training loop, tracked in MLflow.
+
+    python -m unet_dist.tune --config BASE.yaml --search SWEEP.yaml [--set key=value ...]
 
 Ray Tune runs one trial per sampled config. Each trial is a function trainable that builds the same
 TorchTrainer as ``python -m unet_dist.train`` (launch.ray_trainer, over the one loop) and fits it,
@@ -24,9 +26,8 @@ import sys
 import time
 from pathlib import Path
 
-from unet_dist import storage
-from unet_dist.cli import run_main
-from unet_dist.config import Config, add_config_args, config_from_args, dump_yaml, from_dict, to_dict
+from unet_dist import cli, ray_address, storage
+from unet_dist.config import Config, config_from_args, dump_yaml, from_dict, to_dict
 from unet_dist.errors import UnetDistError
 from unet_dist.sweep import (Sweep, check_against_base, check_cluster, load_sweep, max_steps, param_space,
                              trial_config)
@@ -303,24 +304,33 @@ def summary_lines(summary: dict, metric: str) -> list[str]:
     return lines
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m unet_dist.tune", description=__doc__.split("\n\n")[0])
-    add_config_args(parser)
-    parser.add_argument("--search", required=True, metavar="SWEEP.yaml", help="the sweep file (jobs/sweeps/)")
-    parser.add_argument("--summary-json", metavar="FILE", help="also write the sweep's summary as JSON")
+def parse(argv: list[str] | None) -> tuple[argparse.Namespace, Config, Sweep]:
+    """Arguments, base config and sweep file, all checked (every trial config the space can make
+    included), before Ray, torch or MLflow is imported."""
+    parser = cli.parser("python -m unet_dist.tune", __doc__, config=True)
+    parser.add_argument("--search", required=True, metavar="SWEEP.yaml", type=cli.non_empty,
+                        help="the sweep file (jobs/sweeps/; its keys: docs/sweeps.md)")
+    parser.add_argument("--summary-json", metavar="FILE", type=cli.non_empty,
+                        help="also write the sweep's summary as JSON")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    cfg = config_from_args(args)
+    sweep = load_sweep(args.search)
+    check_against_base(sweep, cfg)
+    ray_address.check()
+    return args, cfg, sweep
 
-    def run() -> None:
-        cfg = config_from_args(args)
-        sweep = load_sweep(args.search)
-        summary = run_sweep(cfg, sweep)
-        print("\n".join(summary_lines(summary, sweep.metric)))
-        if args.summary_json:
-            Path(args.summary_json).write_text(json.dumps(summary, indent=2, default=str))
-        if summary["best"] is None:
-            raise UnetDistError(f"sweep {sweep.name}: no trial reported {sweep.metric}")
 
-    run_main(run)
+def main(argv: list[str] | None = None) -> None:
+    cli.run_main(lambda: run_tune(*parse(argv)))
+
+
+def run_tune(args: argparse.Namespace, cfg: Config, sweep: Sweep) -> None:
+    summary = run_sweep(cfg, sweep)
+    print("\n".join(summary_lines(summary, sweep.metric)))
+    if args.summary_json:
+        Path(args.summary_json).write_text(json.dumps(summary, indent=2, default=str))
+    if summary["best"] is None:
+        raise UnetDistError(f"sweep {sweep.name}: no trial reported {sweep.metric}")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,19 @@
-"""``python -m unet_dist.preprocess`` (and the ``unet-preprocess`` console script).
+"""Preprocess a raw dataset into WebDataset shards: KMeans fitted once on mask colours, every mask
+mapped to Cityscapes trainIds, image/label pairs written into tar shards with manifest.json.
 
     python -m unet_dist.preprocess --config jobs/configs/demo.yaml --set data.root=data/synth
+
+Reruns are resumable: verified shards are kept, missing or invalid ones rebuilt, and manifest.json
+is written last, so its presence means the folder is complete. ``data.root`` is a local folder;
+``shards.dir`` a path or an s3://, gs://, az:// URL.
 """
 from __future__ import annotations
 
-import argparse
+import sys
 from typing import Optional
 
-from unet_dist.config import add_config_args, config_from_args
+from unet_dist import cli
+from unet_dist.config import Config, config_from_args
 
 
 def summary_text(s: dict) -> str:
@@ -26,13 +32,15 @@ def summary_text(s: dict) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    from unet_dist.cli import run_main
+    def parse() -> Config:
+        parser = cli.parser("python -m unet_dist.preprocess", __doc__, config=True)
+        return config_from_args(parser.parse_args(sys.argv[1:] if argv is None else argv))
+
+    cli.run_main(lambda: preprocess(parse()))
+
+
+def preprocess(cfg: Config) -> None:
+    """Run the job (its heavy imports start here, after the arguments parsed) and print its summary."""
     from unet_dist.preprocess.job import run
 
-    parser = argparse.ArgumentParser(
-        prog="python -m unet_dist.preprocess",
-        description="Raw dataset -> KMeans fitted once on mask colours -> WebDataset shards + manifest.json.",
-    )
-    add_config_args(parser)
-    args = parser.parse_args(argv)
-    run_main(lambda: print(summary_text(run(config_from_args(args))), flush=True))
+    print(summary_text(run(cfg)), flush=True)

@@ -23,7 +23,7 @@ from typing import Callable, Iterable, Iterator, Optional
 import numpy as np
 
 from unet_dist import storage
-from unet_dist.config import Config
+from unet_dist.config import Config, validate
 from unet_dist.data import shards as sh
 from unet_dist.data.quantize import Quantizer, fit_quantizer
 from unet_dist.data.sources import RawSample, list_samples
@@ -108,19 +108,11 @@ def _publish(out: storage.Location, rec: dict, tmp: Optional[Path]) -> dict:
 
 
 def _job(cfg: Config, out: storage.Location) -> Job:
-    """The worker's settings, after the checks the config cannot express."""
+    """The worker's settings, after the one check the config schema cannot express."""
     d, enc = cfg.data, cfg.shards
     if storage.location(d.root).local_path is None:
         raise UnetDistError(f"data.root: {d.root}: raw data must be a local path (preprocess reads it from this "
                             "machine; shards.dir may be in an object store)")
-    if enc.samples_per_shard < 1:
-        raise UnetDistError(f"shards.samples_per_shard: expected >= 1, got {enc.samples_per_shard}")
-    if d.resize is not None and (len(d.resize) != 2 or min(d.resize) < 1):
-        raise UnetDistError(f"data.resize: expected [height, width] of positive ints or null, got {d.resize}")
-    if not 1 <= enc.jpeg_quality <= 100:
-        raise UnetDistError(f"shards.jpeg_quality: expected 1..100, got {enc.jpeg_quality}")
-    if enc.photo_tile is not None and (len(enc.photo_tile) != 2 or min(enc.photo_tile) < 16):
-        raise UnetDistError(f"shards.photo_tile: expected [height, width] of ints >= 16 or null, got {enc.photo_tile}")
     tile = tuple(enc.photo_tile) if enc.photo_tile and enc.photo_encoding == "jpeg" else None
     return Job(str(d.root), str(out), d.label_source, d.on_bad_input, tuple(d.resize) if d.resize else None,
                photo_encoding=enc.photo_encoding, jpeg_quality=enc.jpeg_quality, photo_tile=tile)
@@ -129,6 +121,7 @@ def _job(cfg: Config, out: storage.Location) -> Job:
 def run(cfg: Config) -> dict:
     """Run the whole job; returns the summary (also printed by :func:`unet_dist.preprocess.cli.main`)."""
     t_start = time.perf_counter()
+    validate(cfg)  # the schema's checks (samples_per_shard, resize, jpeg_quality, photo_tile, ...)
     d = cfg.data
     out = storage.location(cfg.shards.dir)  # a local path or an object-store URL
     job = _job(cfg, out)

@@ -15,8 +15,8 @@ import logging
 import os
 from pathlib import Path
 
-from unet_dist import losses, storage, tracking
-from unet_dist.config import Config, to_dict
+from unet_dist import devices, ray_address, storage, tracking
+from unet_dist.config import Config, to_dict, validate
 from unet_dist.data import shards
 from unet_dist.distributed import init_torchrun_group, pin_interface
 from unet_dist.errors import UnetDistError
@@ -38,7 +38,7 @@ def preflight(cfg: Config) -> JobPlan:
     are reachable (on S3: endpoint, credentials, bucket), the shards manifest exists and lists shards
     that are there with their sizes, the MLflow server accepts our login, and the checkpoint this job
     would resume was made for this model. (Shard hashes are checked by rank 0 before the first step.)"""
-    losses.check_dice(cfg.train.dice)
+    validate(cfg)  # the config's own checks first, for callers that built it in code
     plan = job_plan.resolve(cfg)
     for split in ("train", "val"):
         shards.check_listed(plan.cfg.shards.dir, plan.manifest, split)
@@ -248,7 +248,11 @@ def init_ray() -> None:
         return
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray_address.check(address)  # seconds, instead of minutes of GCS connection warnings
+        try:
+            ray.init(address=address, log_to_driver=True)
+        except ConnectionError as e:
+            raise UnetDistError(f"RAY_ADDRESS={address}: {str(e).strip().splitlines()[0]}") from None
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         ray.init(address="local", log_to_driver=True)
@@ -308,6 +312,9 @@ def run_ray(cfg: Config) -> RunSummary:
     """Start a TorchTrainer on ``$RAY_ADDRESS`` (or a local Ray) and wait for it."""
     plan = preflight(cfg)
     init_ray()
+    import ray
+
+    devices.check_ray_gpus(plan.cfg.train.use_gpu, plan.cfg.train.workers, ray.cluster_resources())
     multinode.check_ray_cluster(plan.cfg)  # before the run exists: a store or folder one node lacks
     plan = open_run(plan, "ray", plan.cfg.train.workers)
     _forward_driver_preemption(_preempt_key(plan.cfg, plan.run_id))

@@ -23,7 +23,8 @@ from unet_dist.data.augment import Augment
 from unet_dist.data.stream import train_stream
 from unet_dist.errors import UnetDistError
 from unet_dist.losses import SegmentationLoss, class_weights
-from unet_dist.model import UNet, margin, output_size
+from unet_dist import unet_geometry as geometry
+from unet_dist.model import UNet, margin
 from unet_dist.tracking import NullLogger, RunLogger
 from unet_dist.train import agree, preemption
 from unet_dist.train.context import Context
@@ -167,19 +168,12 @@ def make_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer
 
 
 def label_crop(cfg: Config) -> tuple[int, int]:
-    """The training label crop; in 'valid' mode the largest crop the network maps exactly."""
+    """The training label crop; in 'valid' mode the largest crop the network maps exactly (the config
+    schema has already refused a crop too small for the depth)."""
     h, w = cfg.train.crop
     if cfg.model.padding == "same":
         return h, w
-    m = margin(cfg.model.depth)
-
-    def fit(size: int) -> int:
-        for out in range(size, 0, -1):
-            if output_size(out + 2 * m, cfg.model.depth, "valid") == out:
-                return out
-        raise UnetDistError(f"train.crop {cfg.train.crop}: too small for a valid-padding U-Net of depth {cfg.model.depth}")
-
-    return fit(h), fit(w)
+    return geometry.valid_crop(h, cfg.model.depth), geometry.valid_crop(w, cfg.model.depth)
 
 
 def example_hw(cfg: Config, crop: tuple[int, int]) -> tuple[int, int]:
