@@ -72,7 +72,7 @@ def main() -> None:
             for r in range(args.repeats):
                 for case in (("1x2", "2x1") if r % 2 == 0 else ("2x1", "1x2")):
                     sets = ["shards.dir=/mnt/shared/shards", "train.checkpoint_dir=/mnt/shared/ckpt",
-                            f"train.run_name=bench-{case}-{r}", f"train.steps={steps}", f"train.log_every={every}",
+                            f"train.run_name=bench-{case}-{r}", f"train.steps={steps}", "train.warmup_steps=0", f"train.log_every={every}",
                             f"train.checkpoint_every={steps}", "train.eval_every=0", "train.eval_batches=1",
                             f"train.batch_size={BATCH}", "train.crop=[64,64]", "model.width=8",
                             "train.loader_workers=1", "mlflow.log_model=false", "mlflow.registered_model=",

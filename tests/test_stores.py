@@ -20,7 +20,7 @@ from conftest import BIN, clean_env, mlflow_server_process, run
 pytestmark = pytest.mark.slow
 
 SETS = ["data.resize=[64,64]", "quantize.sample_pixels=20000", "shards.samples_per_shard=4", "shards.processes=2"]
-TRAIN = ["train.batch_size=2", "train.crop=[32,32]", "train.loader_workers=0", "train.log_every=1",
+TRAIN = ["train.batch_size=2", "train.warmup_steps=0", "train.crop=[32,32]", "train.loader_workers=0", "train.log_every=1",
          "model.width=4", "model.depth=3", "train.eval_every=2", "train.checkpoint_every=2", "train.workers=2",
          "train.run_name=chain", "mlflow.registered_model=", "mlflow.system_metrics=false", "mlflow.experiment=stores"]
 SERVERS = {"s3": "s3_server", "gs": "gcs_server", "az": "azurite"}
