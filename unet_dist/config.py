@@ -123,6 +123,13 @@ class ServeConfig:
 
 
 @dataclass
+class PrometheusConfig:
+    port: int = 0  # torchrun: rank 0 serves /metrics on this port (0 = off); under Ray, Ray's metrics agent exports instead
+    host: str = "0.0.0.0"  # torchrun: the address the /metrics server listens on
+    linger_s: float = 0.0  # after the last step, keep the final values up this long for a last scrape
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
@@ -131,6 +138,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    prometheus: PrometheusConfig = field(default_factory=PrometheusConfig)
 
 
 def _check_value(value: Any, tp: Any, key: str, origin: str) -> Any:

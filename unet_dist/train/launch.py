@@ -10,7 +10,10 @@ import contextlib
 import dataclasses
 import logging
 import os
+import time
 from pathlib import Path
+
+import psutil
 
 from unet_dist import losses, storage, tracking
 from unet_dist.config import Config, from_dict, to_dict
@@ -93,7 +96,10 @@ def run_torchrun(cfg: Config) -> dict | None:
             dist.barrier()
 
         ctx = Context(rank=rank, world_size=world, local_rank=local_rank, launcher="torchrun", run_id=run_id,
-                      report=report, latest_checkpoint=lambda: _latest_on_disk(directory))
+                      report=report, latest_checkpoint=lambda: _latest_on_disk(directory),
+                      # goodput (issue 26): this rank process's start; the torchrun agent's = the launch
+                      started_at=psutil.Process().create_time(), launched_at=(psutil.Process().parent() or psutil.Process()).create_time(),
+                      run_dir=directory)
         try:
             summary = train(cfg, ctx)
         except Exception:
@@ -159,6 +165,7 @@ def _ray_worker(loop_config: dict) -> dict:
     """The function Ray Train runs in each worker; rank 0's summary becomes ``Result.return_value``."""
     import ray.train
 
+    started_at = time.time()  # goodput (issue 26): this attempt's start in this worker
     cfg = from_dict(loop_config["config"], "loop config")
     rc = ray.train.get_context()
     _watch_preemption(loop_config.get("preempt_key"))
@@ -192,7 +199,8 @@ def _ray_worker(loop_config: dict) -> dict:
 
     ctx = Context(rank=rc.get_world_rank(), world_size=rc.get_world_size(), local_rank=rc.get_local_rank(),
                   launcher="ray", run_id=loop_config["run_id"], report=report, latest_checkpoint=latest,
-                  node_drain=node_drain)
+                  node_drain=node_drain, started_at=started_at, launched_at=loop_config.get("launched_at"),
+                  run_dir=directory)  # goodput (issue 26)
     try:
         return train(cfg, ctx)  # a non-finite loss returns too: retrying from the same checkpoint repeats it
     except AllRanksError as e:  # bad input every rank agreed on: end the run instead of retrying it
@@ -240,9 +248,11 @@ def init_ray() -> None:
         ray.init(address="local", log_to_driver=True)
 
 
-def ray_trainer(cfg: Config, run_id: str, callbacks: tuple = (), gpus_per_worker: float = 1.0):
+def ray_trainer(cfg: Config, run_id: str, callbacks: tuple = (), gpus_per_worker: float = 1.0,
+                launched_at: float | None = None):
     """The TorchTrainer over :func:`_ray_worker` for ``cfg`` (absolute paths), logging to ``run_id``.
-    One builder for a plain training job and for each trial of a sweep (unet_dist.tune)."""
+    One builder for a plain training job and for each trial of a sweep (unet_dist.tune).
+    ``launched_at``: when the job was launched (epoch s), where its goodput's wall time starts."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -251,7 +261,7 @@ def ray_trainer(cfg: Config, run_id: str, callbacks: tuple = (), gpus_per_worker
     return TorchTrainer(
         _ray_worker,
         train_loop_config={"config": to_dict(cfg), "run_id": run_id, "run_dir": str(run_dir(cfg)),
-                           "preempt_key": _preempt_key(cfg, run_id)},
+                           "preempt_key": _preempt_key(cfg, run_id), "launched_at": launched_at},
         torch_config=_torch_config()(backend="nccl" if t.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=t.workers, use_gpu=t.use_gpu,
                                      resources_per_worker={"CPU": t.cpus_per_worker,
@@ -289,7 +299,8 @@ def fit_ray(cfg: Config, trainer, run_id: str, resumed: str | None) -> dict:
     return {"status": metrics.get("status", "finished"), "steps": metrics.get("step"),
             "best_miou": metrics.get("best_miou"), "val_miou": metrics.get("val_miou"),
             "world_size": t.workers, "resumed_from": resumed, "mlflow_run_id": run_id,
-            "model_uri": returned.get("model_uri"), "loop_s": returned.get("wall_s"), "checkpoint": str(latest) if latest else None}
+            "model_uri": returned.get("model_uri"), "loop_s": returned.get("wall_s"), "checkpoint": str(latest) if latest else None,
+            "goodput": returned.get("goodput")}
 
 
 def run_ray(cfg: Config) -> dict:
@@ -300,4 +311,5 @@ def run_ray(cfg: Config) -> dict:
     multinode.check_ray_cluster(cfg)  # before the run exists: a store or folder one node lacks
     run_id, resumed = open_run(cfg, "ray", cfg.train.workers)
     _forward_driver_preemption(_preempt_key(cfg, run_id))
-    return fit_ray(cfg, ray_trainer(cfg, run_id), run_id, resumed)
+    launched_at = psutil.Process().create_time()  # goodput (issue 26): the driver's start
+    return fit_ray(cfg, ray_trainer(cfg, run_id, launched_at=launched_at), run_id, resumed)

@@ -29,6 +29,7 @@ from unet_dist.losses import SegmentationLoss, class_weights
 from unet_dist.model import UNet, margin, output_size
 from unet_dist.tracking import NullLogger, RunLogger
 from unet_dist.train import checkpoint, preemption
+from unet_dist.train.observer import Observer  # goodput + Prometheus (issue 26)
 
 log = logging.getLogger("unet_dist.train")
 
@@ -50,6 +51,10 @@ class Context:
     # Ray: a reason when a node of this job is being drained (a spot reclaim), else None. Every rank
     # calls it at the same steps (it is a barrier across the workers).
     node_drain: Callable[[], str | None] | None = None
+    # goodput (issue 26): this attempt's start, the launch's start (epoch s), the run directory
+    started_at: float = field(default_factory=time.time)
+    launched_at: float | None = None
+    run_dir: str | Path | None = None
 
 
 def device_for(cfg: Config, ctx: Context) -> torch.device:
@@ -201,6 +206,7 @@ class Run:
     preempt_group: object = None  # the process group the preemption flag is agreed on
     saved: int = -1  # the last step checkpointed
     drain_saved: bool = False  # a checkpoint was taken for a node drain
+    observer: Observer | None = None  # goodput clock + Prometheus (issue 26)
 
 
 def train(cfg: Config, ctx: Context) -> dict:
@@ -224,7 +230,7 @@ def setup(cfg: Config, ctx: Context) -> Run:
     model = UNet.from_config(cfg.model).to(device)
     optimizer = make_optimizer(cfg, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    return Run(cfg, ctx, device, manifest, model, optimizer, scheduler)
+    return Run(cfg, ctx, device, manifest, model, optimizer, scheduler, observer=Observer(cfg, ctx))
 
 
 def restore(run: Run) -> None:
@@ -245,6 +251,7 @@ def restore(run: Run) -> None:
                     log.warning("%s was written by another world size: the resume is not exact", ckpt_dir)
                 run.start_step, run.best = int(state["step"]), float(state["best_miou"])
                 ctx.resumed_from = str(ckpt_dir)
+                run.observer.resumed_from(checkpoint.read_meta(ckpt_dir))  # observer: the carried ledger
     _all_ranks_ok(not error, error, ctx, run.device)
     if ctx.rank == 0 and ctx.resumed_from:
         log.info("resumed from %s at step %d", ctx.resumed_from, run.start_step)
@@ -291,6 +298,7 @@ def run_steps(run: Run) -> None:
     if run.start_step >= t.steps and ctx.rank == 0:
         log.info("run already complete at step %d: nothing to train", run.start_step)
     run.first_bad = torch.full((), NO_STEP, dtype=torch.int64, device=run.device)
+    run.observer.steps_begin(run.tracker, run.start_step)  # observer: resume report, steps begin
     for step in range(run.start_step + 1, t.steps + 1):
         run.step = step
         preemption.at_step(step)
@@ -339,7 +347,9 @@ def _optimizer_step(run: Run) -> int | None:
     this step's update is not made, so no later checkpoint is ever written."""
     t, ctx, device, w = run.cfg.train, run.ctx, run.device, run.window
     for micro in range(t.accumulation):
-        images, target = to_device(next(run.batches), run.aug, device, t.channels_last)
+        with run.observer.timed("data_wait"):  # observer
+            batch = next(run.batches)
+        images, target = to_device(batch, run.aug, device, t.channels_last)
         sync = contextlib.nullcontext() if micro == t.accumulation - 1 or ctx.world_size == 1 else run.net.no_sync()
         with sync, torch.autocast(device.type, dtype=run.dtype or torch.float32, enabled=run.dtype is not None):
             logits = run.step_fn(images)
@@ -372,6 +382,7 @@ def _log_train(run: Run, step: int) -> None:
     rate = w.images / max(time.perf_counter() - w.started, 1e-9)
     mean_loss = float(w.loss_sum) / max(w.loss_n, 1)  # the window's one host read of the loss
     run.tracker.metrics({"train/loss": mean_loss, "train/lr": lr, "train/images_per_s": rate}, step)
+    run.observer.logged(step, rate)  # observer: Prometheus series, goodput beacon
     if run.ctx.rank == 0:
         log.info("step %d/%d loss %.4f lr %.2e %.1f img/s", step, t.steps, mean_loss, lr, rate)
     run.window = _Window()
@@ -386,7 +397,8 @@ def _evaluate_and_checkpoint(run: Run, step: int) -> bool:
     if evaluate or save:
         average_buffers(run.model, ctx.world_size)
     if evaluate:
-        run.last_scores = _evaluate(run, step)
+        with run.observer.timed("evaluation"):  # observer
+            run.last_scores = _evaluate(run, step)
         miou = run.last_scores["miou"]
         run.best = miou if math.isnan(run.best) else max(run.best, miou)
     if save:
@@ -398,7 +410,8 @@ def _evaluate_and_checkpoint(run: Run, step: int) -> bool:
         metrics = {"step": step, "best_miou": run.best, "status": "running" if not last else run.status}
         if run.last_scores:
             metrics["val_miou"] = run.last_scores["miou"]
-        _save(run, step, metrics)
+        with run.observer.timed("checkpoint"):  # observer
+            _save(run, step, metrics)
         run.saved = step
     return True
 
@@ -417,7 +430,8 @@ def _checkpoint_now(run: Run, step: int, status: str) -> bool:
         run.status, run.step = ("non_finite_loss", bad) if bad is not None else ("non_finite_weights", step)
         return False
     if run.saved != step:
-        _save(run, step, {"step": step, "best_miou": run.best, "status": status})
+        with run.observer.timed("checkpoint"):  # observer
+            _save(run, step, {"step": step, "best_miou": run.best, "status": status})
         run.saved = step
     return True
 
@@ -481,7 +495,8 @@ def _save(run: Run, step: int, metrics: dict) -> None:
         }
         meta = checkpoint.meta(run.cfg, step=step, best_miou=run.best, run_id=ctx.run_id,
                                world_size=ctx.world_size, launcher=ctx.launcher)
-        meta.update(status=metrics.get("status"), data_position=step * run.cfg.train.accumulation)
+        meta.update(status=metrics.get("status"), data_position=step * run.cfg.train.accumulation,
+                    goodput=run.observer.ledger(step))  # observer: the ledger the next attempt carries on
         checkpoint.write(Path(tmp), state, meta)
         ctx.report(metrics, Path(tmp))
 
@@ -503,6 +518,7 @@ def finish(run: Run) -> dict:
             summary["model_uri"] = run.tracker.model(run.model, cfg, crop_for_example(cfg, run.crop))
         if status == preemption.STATUS:  # resumable: not FAILED
             run.tracker.tags({"unet_dist.status": status, "unet_dist.preempted_at_step": step})
+        summary["goodput"] = run.observer.end(run.tracker, summary["steps"], status)  # observer: end report
         run.tracker.close({"finished": "FINISHED", preemption.STATUS: "KILLED"}.get(status, "FAILED"))
     return summary
 
