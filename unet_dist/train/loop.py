@@ -319,6 +319,7 @@ def run_steps(run: Run) -> None:
             if not _checkpoint_before_drain(run, step):
                 break
     preemption.steps_done()
+    run.observer.steps_end()  # observer: what follows the last step is "other"
     run.wall_s = time.perf_counter() - t0
 
 

@@ -6,6 +6,7 @@ The loop's hooks (each one line, see unet_dist/train/loop.py, "observer"):
     setup       Observer(cfg, ctx)                     the attempt's clock starts (at ctx.started_at)
     restore     observer.resumed_from(ckpt_dir)        the ledger the checkpoint carries
     run_steps   observer.steps_begin(tracker, step)    resume report; steps begin (productive)
+                observer.steps_end()                   after the last step: "other"
     a batch     with observer.timed("data_wait"):      the wait for the next batch
     eval, save  with observer.timed("evaluation"|"checkpoint"):
     meta.json   observer.ledger(step)                  the ledger a checkpoint carries
@@ -99,9 +100,13 @@ class Observer:
                 self._report(tracker, self.clock.snapshot(step), "at resume", metrics=False)
             base = self.clock.base
             self.exporter.set({"unet_train_step": step, "unet_train_steps_total": self.cfg.train.steps,
-                               "unet_job_restarts": base.attempts - 1, "unet_job_preemptions": base.preemptions})
+                               "unet_job_restarts": base.attempts - 1, "unet_job_preemptions": base.preemptions,
+                               "unet_tracking_spool_depth": 0})
         self.clock.switch("productive")
         self.window = telemetry.Window(self.clock.totals(), step)
+
+    def steps_end(self) -> None:
+        self.clock.switch("other")
 
     @contextlib.contextmanager
     def timed(self, phase: str):
