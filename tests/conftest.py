@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 # The longest files first, so that with the files shared among processes (make test: pytest-xdist,
 # --dist loadfile --no-loadscope-reorder) none of them starts last and runs alone.
 LONGEST_FIRST = ["test_demo.py", "test_multinode.py", "test_preemption.py", "test_tune.py", "test_reliability.py",
-                 "test_s3.py", "test_ray_mlflow.py", "test_benchmarks_smoke.py", "test_ray_auth.py"]
+                 "test_s3.py", "test_observability.py", "test_ray_mlflow.py", "test_benchmarks_smoke.py", "test_ray_auth.py"]
 
 
 def pytest_collection_modifyitems(session, config, items) -> None:

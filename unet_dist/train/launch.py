@@ -303,13 +303,14 @@ def fit_ray(cfg: Config, trainer, run_id: str, resumed: str | None) -> dict:
             "goodput": returned.get("goodput")}
 
 
-def run_ray(cfg: Config) -> dict:
-    """Start a TorchTrainer on ``$RAY_ADDRESS`` (or a local Ray) and wait for it."""
+def run_ray(cfg: Config, launched_at: float | None = None) -> dict:
+    """Start a TorchTrainer on ``$RAY_ADDRESS`` (or a local Ray) and wait for it. ``launched_at``
+    (epoch s): where the run's goodput wall time starts; by default this process's start."""
     cfg = absolute_paths(cfg)
     preflight(cfg)
     init_ray()
     multinode.check_ray_cluster(cfg)  # before the run exists: a store or folder one node lacks
     run_id, resumed = open_run(cfg, "ray", cfg.train.workers)
     _forward_driver_preemption(_preempt_key(cfg, run_id))
-    launched_at = psutil.Process().create_time()  # goodput (issue 26): the driver's start
+    launched_at = launched_at or psutil.Process().create_time()  # goodput (issue 26): the driver's start
     return fit_ray(cfg, ray_trainer(cfg, run_id, launched_at=launched_at), run_id, resumed)
