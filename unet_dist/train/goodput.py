@@ -176,6 +176,14 @@ class Clock:
                       seconds={k: b.seconds[k] + own[k] for k in BUCKETS})
 
 
+def process_start(parent: bool = False) -> float:
+    """When this process (or its parent: torchrun's agent for a rank) started, in epoch seconds."""
+    import psutil
+
+    me = psutil.Process()
+    return ((me.parent() or me) if parent else me).create_time()
+
+
 # ------------------------------------------------------------------------------------------ reports
 def fractions(ledger: Ledger) -> dict[str, float]:
     wall = max(ledger.wall, 1e-9)

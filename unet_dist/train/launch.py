@@ -13,14 +13,12 @@ import os
 import time
 from pathlib import Path
 
-import psutil
-
 from unet_dist import losses, storage, tracking
 from unet_dist.config import Config, from_dict, to_dict
 from unet_dist.data import shards
 from unet_dist.distributed import init_torchrun_group, pin_interface
 from unet_dist.errors import UnetDistError
-from unet_dist.train import checkpoint, multinode, preemption
+from unet_dist.train import checkpoint, goodput, multinode, preemption
 from unet_dist.train.loop import AllRanksError, Context, train
 
 log = logging.getLogger("unet_dist.launch")
@@ -97,8 +95,8 @@ def run_torchrun(cfg: Config) -> dict | None:
 
         ctx = Context(rank=rank, world_size=world, local_rank=local_rank, launcher="torchrun", run_id=run_id,
                       report=report, latest_checkpoint=lambda: _latest_on_disk(directory),
-                      # goodput (issue 26): this rank process's start; the torchrun agent's = the launch
-                      started_at=psutil.Process().create_time(), launched_at=(psutil.Process().parent() or psutil.Process()).create_time(),
+                      # goodput (issue 26): this rank's start; the torchrun agent's start is the launch
+                      started_at=goodput.process_start(), launched_at=goodput.process_start(parent=True),
                       run_dir=directory)
         try:
             summary = train(cfg, ctx)
@@ -312,5 +310,5 @@ def run_ray(cfg: Config, launched_at: float | None = None) -> dict:
     multinode.check_ray_cluster(cfg)  # before the run exists: a store or folder one node lacks
     run_id, resumed = open_run(cfg, "ray", cfg.train.workers)
     _forward_driver_preemption(_preempt_key(cfg, run_id))
-    launched_at = launched_at or psutil.Process().create_time()  # goodput (issue 26): the driver's start
+    launched_at = launched_at or goodput.process_start()  # goodput (issue 26): the driver's start
     return fit_ray(cfg, ray_trainer(cfg, run_id, launched_at=launched_at), run_id, resumed)

@@ -71,6 +71,8 @@ class BeaconWriter:
 
 
 class Observer:
+    """One rank's clock; on rank 0 also the exporter, the beacon and the reports."""
+
     def __init__(self, cfg: Config, ctx):
         self.cfg, self.rank = cfg, ctx.rank
         self.clock = goodput.Clock(ctx.started_at, ctx.launched_at)
@@ -139,12 +141,10 @@ class Observer:
         if self.beacon:
             self.beacon.submit(snap)
 
-    def end(self, tracker, step: int, status: str) -> dict | None:
-        """The end report (rank 0): printed, logged to MLflow, left in the beacon; returns it."""
+    def end(self, tracker, step: int, status: str) -> dict:
+        """Rank 0, after the last step: the end report, printed, logged to MLflow (before the run
+        is closed) and left in the beacon; returns it for the run summary."""
         self.clock.switch("other")
-        if self.rank != 0:
-            self.exporter.close()
-            return None
         snap = self.clock.snapshot(step, ended=status)
         self.exporter.set({"unet_goodput_fraction": goodput.fractions(snap)["productive"]})
         self._report(tracker, snap, f"at the end ({status})", metrics=True)
