@@ -130,7 +130,7 @@ def test_prometheus_scrapes_every_series_with_plausible_values(prometheus, runs,
         assert len(found) == 1, f"{name(series)}{labels}: {found}"
         last[series] = float(found[0]["value"][1])
     steps = values_over_run(prometheus, f"{name('unet_train_step')}{labels}")
-    assert steps == sorted(steps) and len(set(steps)) >= 3 and steps[-1] == STEPS, steps
+    assert steps == sorted(steps) and steps[0] < STEPS and steps[-1] == STEPS, steps  # 0 from the first step on
     assert last["unet_train_steps_total"] == STEPS
     assert max(values_over_run(prometheus, f"{name('unet_train_images_per_second')}{labels}")) > 0
     assert 0 < last["unet_train_step_seconds"] < 30
