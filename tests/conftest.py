@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 # The longest files first, so that with the files shared among processes (make test: pytest-xdist,
 # --dist loadfile --no-loadscope-reorder) none of them starts last and runs alone.
 LONGEST_FIRST = ["test_demo.py", "test_multinode.py", "test_preemption.py", "test_tune.py", "test_stores.py", "test_reliability.py",
-                 "test_s3.py", "test_ray_mlflow.py", "test_benchmarks_smoke.py", "test_ray_auth.py"]
+                 "test_s3.py", "test_observability.py", "test_ray_mlflow.py", "test_benchmarks_smoke.py", "test_ray_auth.py"]
 
 
 def pytest_collection_modifyitems(session, config, items) -> None:
@@ -143,7 +143,7 @@ def ray_head(tmp_path_factory, s3_server):
 
 
 @contextlib.contextmanager
-def local_ray_head(env: dict, cwd: Path):
+def local_ray_head(env: dict, cwd: Path, extra: tuple[str, ...] = ()):
     """`ray start --head` on 127.0.0.1 with every listening port its own, yields its addresses once
     the job agent takes jobs, and afterwards kills every process of that head.
 
@@ -158,7 +158,8 @@ def local_ray_head(env: dict, cwd: Path):
     port, dash, agent, client = (free_port() for _ in range(4))
     cmd = [str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--dashboard-agent-listen-port", str(agent),
-           "--ray-client-server-port", str(client), "--num-cpus", "2", "--disable-usage-stats", f"--temp-dir={temp}"]
+           "--ray-client-server-port", str(client), "--num-cpus", "2", "--disable-usage-stats", f"--temp-dir={temp}",
+           *extra]
     starter = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                start_new_session=True)
     try:

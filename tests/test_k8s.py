@@ -25,8 +25,13 @@ UID = 1000
 MLFLOW_URI = f"http://mlflow.{NAMESPACE}.svc.cluster.local:5000"
 LAUNCHERS = ("ray", "trainjob", "pytorchjob", "tune")
 APPS = (*LAUNCHERS, "serve")  # sub-kustomizations applied on their own: the launchers and serving
-OVERLAYS = ("cpu-smoke", "gpu", "s3")
-SHARED_VOLUME = ("cpu-smoke", "gpu")  # s3: shards, checkpoints and artifacts in a bucket
+OVERLAYS = ("cpu-smoke", "gpu", "s3", "shared-gpu")  # shared-gpu: gpu, queued on Kueue, scraped by Prometheus
+SHARED_VOLUME = ("cpu-smoke", "gpu", "shared-gpu")  # s3: shards, checkpoints and artifacts in a bucket
+CLUSTER_KITS = ("cluster/kueue",)  # cluster-scoped objects a cluster admin applies once
+CLUSTER_SCOPED = {"Namespace", "ClusterQueue", "ResourceFlavor", "WorkloadPriorityClass"}
+KUEUE_API, MONITORING_API = "kueue.x-k8s.io/v1beta2", "monitoring.coreos.com/v1"
+# Custom kinds that hold no pods (queues, quotas, scrape targets)
+WITHOUT_PODS = {"LocalQueue", "ClusterQueue", "ResourceFlavor", "WorkloadPriorityClass", "PodMonitor"}
 # What `python -m unet_dist.X` may name: the project's entry points.
 ENTRY_POINTS = {"preprocess", "train", "evaluate", "predict", "demo", "synth", "tune"}
 BUILT_IN = {"v1", "apps/v1", "batch/v1", "networking.k8s.io/v1"}
@@ -46,7 +51,7 @@ def kustomizations() -> list[str]:
     dirs = ["base", *(f"base/{x}" for x in APPS)]
     for overlay in OVERLAYS:
         dirs += [f"overlays/{overlay}", *(f"overlays/{overlay}/{x}" for x in apps(overlay))]
-    return dirs
+    return dirs + list(CLUSTER_KITS)
 
 
 _RENDERED: dict[str, list[dict]] = {}
@@ -121,7 +126,9 @@ def test_every_kustomization_renders_into_the_namespace(rel):
     assert objects, f"k8s/{rel} renders nothing"
     for obj in objects:
         assert obj.get("apiVersion") and obj.get("kind") and obj.get("metadata", {}).get("name"), obj
-        if obj["kind"] != "Namespace":
+        if obj["kind"] in CLUSTER_SCOPED:
+            assert "namespace" not in obj["metadata"], f"k8s/{rel}: {where(obj)} is cluster-scoped"
+        else:
             assert obj["metadata"].get("namespace") == NAMESPACE, f"k8s/{rel}: {where(obj)} is not in {NAMESPACE}"
 
 
@@ -133,7 +140,8 @@ def test_built_in_objects_validate_against_the_kubernetes_schema(rel):
             kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
         except kubernetes_validate.ValidationError as e:
             pytest.fail(f"k8s/{rel}: {where(obj)} at {'.'.join(map(str, e.path))}: {e.message}")
-    unknown = {o["apiVersion"] for o in render(rel)} - BUILT_IN - {"ray.io/v1", "trainer.kubeflow.org/v1alpha1", "kubeflow.org/v1"}
+    unknown = {o["apiVersion"] for o in render(rel)} - BUILT_IN - {"ray.io/v1", "trainer.kubeflow.org/v1alpha1",
+                                                                   "kubeflow.org/v1", KUEUE_API, MONITORING_API}
     assert not unknown, f"k8s/{rel}: unexpected API versions {unknown}"
 
 
@@ -142,7 +150,7 @@ def test_pod_templates_inside_custom_resources_validate_as_pod_templates(rel):
     custom = [o for o in render(rel) if o["apiVersion"] not in BUILT_IN]
     for obj in custom:
         templates = pod_templates(obj)
-        assert templates or obj["kind"] == "TrainJob", f"{where(obj)}: no pod template found"
+        assert templates or obj["kind"] in {"TrainJob", *WITHOUT_PODS}, f"{where(obj)}: no pod template found"
         for path, template in templates:
             wrapped = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "check"}, "template": template}
             try:

@@ -192,7 +192,8 @@ def pod(component: str | None, namespace: str = "unet-dist", **extra) -> dict:
 
 
 # Each role's pods and the ports they listen on (name, number).
-RAY_PORTS = [("gcs-server", 6379), ("dashboard", 8265), ("client", 10001), ("", 29500), ("", 23456), ("", 40000)]
+RAY_PORTS = [("gcs-server", 6379), ("dashboard", 8265), ("client", 10001), ("", 29500), ("", 23456), ("", 40000),
+             ("metrics", 8080), ("metrics", 9400)]  # metrics: Ray's agent, torchrun's rank 0
 DESTINATIONS = {
     "train-head": (pod("train", **{"ray.io/node-type": "head"}), RAY_PORTS),
     "train-worker": (pod("train", **{"ray.io/node-type": "worker"}), RAY_PORTS),
@@ -209,12 +210,16 @@ SOURCES = {
     "unlabelled pod in the namespace": pod(None),
     "pod in another namespace": pod("train", namespace="other"),
     "kuberay-operator": pod(None, namespace="ray-system", **{"app.kubernetes.io/name": "kuberay-operator"}),
+    "prometheus": pod(None, namespace="monitoring", **{"app.kubernetes.io/name": "prometheus"}),
 }
+SCRAPED = ("shared-gpu",)  # the overlays with k8s/components/monitoring/scrape
 
 
-def expected(src: str, dst: str, port: tuple[str, int]) -> bool:
+def expected(src: str, dst: str, port: tuple[str, int], overlay: str) -> bool:
     """The allow-list of docs/security.md, written independently of the policies."""
     role = dst.split("-")[0]
+    if src == "prometheus" and role in ("train", "tune"):
+        return overlay in SCRAPED and port[0] == "metrics"
     if role in ("train", "tune") and src == role:
         return True  # Ray, NCCL/gloo, rendezvous: any port between a job's own pods
     if dst == "mlflow":
@@ -235,7 +240,7 @@ def test_network_policies_allow_exactly_the_listed_flows(overlay):
     wrong = []
     for (src, src_pod), (dst, (dst_pod, ports)) in itertools.product(SOURCES.items(), DESTINATIONS.items()):
         for port in ports:
-            want, got = expected(src, dst, port), allowed(policies, src_pod, dst_pod["labels"], port)
+            want, got = expected(src, dst, port, overlay), allowed(policies, src_pod, dst_pod["labels"], port)
             if want != got:
                 wrong.append(f"{src} -> {dst}:{port[0] or port[1]}: {'allowed' if got else 'denied'}, should be "
                              f"{'allowed' if want else 'denied'}")

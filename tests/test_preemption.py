@@ -22,7 +22,7 @@ from conftest import REPO, run
 from test_reliability import (alive, env_for, finish, last_logged_step, latest_step, metric_steps, mlflow_status,
                               ray_cmd, ray_worker_pids, resumed_at, run_id_of, sets, wait_until)
 from unet_dist import checkpoint
-from unet_dist.train import preemption
+from unet_dist.train import goodput, preemption
 
 pytestmark = pytest.mark.slow
 STEPS = 16
@@ -115,6 +115,20 @@ def assert_preempted_then_resumed_exactly(r: dict, reference: str) -> None:
     assert run_id_of(r["text"]) == r["run_id"]
     assert metric_steps(r["tmp"], r["run_id"]) == list(range(1, STEPS + 1)), "each step logged once"
     assert mlflow_status(r["tmp"], r["run_id"]) == "FINISHED"
+    assert_goodput_after_a_preemption(r, step)
+
+
+def assert_goodput_after_a_preemption(r: dict, step: int) -> None:
+    """Both attempts report goodput; the end report adds up to the wall time from the first
+    launch within 1%; the preemption costs restarts (the time the job was down) and no recomputed
+    work (the checkpoint was taken where it stopped)."""
+    assert f"goodput at the end (preempted) at step {step}:" in r["first"]
+    assert f"goodput at resume at step {step}:" in r["text"] and "goodput at the end (finished)" in r["text"]
+    led = goodput.read_beacon(r["run_dir"])
+    assert led.ended == "finished" and (led.attempts, led.preemptions, led.failures) == (2, 1, 0), led
+    assert abs(sum(led.seconds.values()) - led.wall) <= 0.01 * led.wall, led
+    assert led.seconds["restarts"] > 0 and led.seconds["recomputed"] < 0.01 * led.wall, led
+    assert led.seconds["checkpoint"] > 0 and led.seconds["productive"] > 0, led
 
 
 def test_sigterm_to_the_torchrun_agent_checkpoints_and_resumes_exactly(tmp_path, small_shards, uninterrupted):

@@ -182,6 +182,20 @@ def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("error:")]
 
 
+def assert_goodput_after_a_failure(run_dir: Path, text: str, resumed_at_step: int) -> None:
+    """The resumed attempt reported the carried ledger; the end report (the beacon beside the
+    checkpoints) adds up to the wall time within 1%, with the failure's cost in restarts and in
+    the work done after the last checkpoint (recomputed)."""
+    from unet_dist.train import goodput
+
+    assert f"goodput at resume at step {resumed_at_step}:" in text, text[-4000:]
+    led = goodput.read_beacon(run_dir)
+    assert led.ended == "finished" and (led.attempts, led.failures, led.preemptions) == (2, 1, 0), led
+    assert abs(sum(led.seconds.values()) - led.wall) <= 0.01 * led.wall, led
+    assert led.seconds["restarts"] > 0 and led.seconds["recomputed"] > 0, led
+    assert led.seconds["productive"] > 0 and led.seconds["startup"] > 0, led
+
+
 # ------------------------------------------------------------------------- 1. Ray worker SIGKILLed
 @pytest.fixture(scope="module")
 def ray_worker_killed(tmp_path_factory, small_shards):
@@ -212,6 +226,7 @@ def test_killed_ray_worker_restarts_and_resumes_from_the_last_checkpoint(ray_wor
     assert 5 <= r["ckpt_at"] <= r["newest"] < r["steps"] and r["logged_at"] > r["ckpt_at"], "killed mid-run"
     assert latest_step(r["run_dir"]) == r["steps"]
     assert re.search(rf"status\s+finished\s+steps\s+{r['steps']}\b", r["text"])
+    assert_goodput_after_a_failure(r["run_dir"], r["text"], r["newest"])
 
 
 @pytest.mark.slow
@@ -261,6 +276,7 @@ def test_killed_torchrun_rank_restarts_the_group_which_resumes_from_the_last_che
     assert f"continuing MLflow run {run_id}" in r["text"] and meta["mlflow_run_id"] == run_id
     assert metric_steps(r["tmp"], run_id) == list(range(1, r["steps"] + 1))
     assert mlflow_status(r["tmp"], run_id) == "FINISHED"
+    assert_goodput_after_a_failure(r["run_dir"], r["text"], r["newest"])
 
 
 # ------------------------------------------------------ 3. whole job SIGKILLed, launched again

@@ -132,6 +132,13 @@ class ServeConfig:
 
 
 @dataclass
+class PrometheusConfig:
+    port: Annotated[int, Within(0, 65535)] = 0  # torchrun: rank 0 serves /metrics on this port (0 = off); under Ray, Ray's metrics agent exports instead
+    host: Annotated[str, NotEmpty()] = "0.0.0.0"  # torchrun: the address the /metrics server listens on
+    linger_s: Annotated[float, Ge(0)] = 0.0  # after the last step, keep the final values up this long for a last scrape
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
@@ -140,6 +147,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    prometheus: PrometheusConfig = field(default_factory=PrometheusConfig)
 
 
 # Rules that tie keys together; each names the key it is about first. The docs table lists each

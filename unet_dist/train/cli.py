@@ -44,7 +44,18 @@ def summary_lines(summary: RunSummary, wall_s: float) -> list[str]:
         f"val mIoU    {fmt(summary.val_miou)} (best {fmt(summary.best_miou)})",
         f"checkpoint  {summary.checkpoint}",
         f"MLflow run  {summary.mlflow_run_id}",
+        *goodput_line(summary.goodput),
     ]
+
+
+def goodput_line(report: dict | None) -> list[str]:
+    """One summary line: the goodput and the largest losses (the whole report is in the log and MLflow)."""
+    if not report:
+        return []
+    wall = max(report["wall_s"], 1e-9)
+    lost = sorted(((s, k) for k, s in report["seconds"].items() if k != "productive"), reverse=True)[:3]
+    return [f"goodput     {report['fraction']:.1%} of {report['wall_s']:.1f} s "
+            f"(lost: {', '.join(f'{k} {s / wall:.1%}' for s, k in lost)})"]
 
 
 def check_environment(cfg: Config, torchrun_ranks: int | None = None) -> None:

@@ -3,7 +3,8 @@ started it (:mod:`unet_dist.train.launch` builds one per rank)."""
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -28,3 +29,7 @@ class Context:
     # The job as the driver resolved it; None for in-process callers (tests, benchmarks): the loop
     # then reads the shards manifest itself (plan.from_shards).
     plan: JobPlan | None = None
+    # Goodput's clock (train/goodput.py): when this attempt started in this process, and when the job
+    # was launched (the Ray driver's or the torchrun agent's start; None: this attempt's start).
+    started_at: float = field(default_factory=time.time)
+    launched_at: float | None = None

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import time
 from pathlib import Path
 
 from unet_dist import devices, ray_address, storage, tracking
@@ -21,7 +22,7 @@ from unet_dist.data import shards
 from unet_dist.distributed import init_torchrun_group, pin_interface
 from unet_dist.errors import UnetDistError
 from unet_dist import checkpoint
-from unet_dist.train import multinode, preemption
+from unet_dist.train import goodput, multinode, preemption
 from unet_dist.train import plan as job_plan
 from unet_dist.train.agree import AllRanksError
 from unet_dist.train.context import Context
@@ -75,7 +76,9 @@ def run_torchrun(cfg: Config) -> RunSummary:
             plan = open_run(plan, "torchrun", world)
         ctx = Context(rank=rank, world_size=world, local_rank=local_rank, launcher="torchrun", run_id=plan.run_id,
                       report=_publish_then_wait(plan.run_dir),
-                      latest_checkpoint=lambda: contextlib.nullcontext(plan.latest), plan=plan)
+                      latest_checkpoint=lambda: contextlib.nullcontext(plan.latest), plan=plan,
+                      # goodput: this rank's start; the torchrun agent's start is the job's launch
+                      started_at=goodput.process_start(), launched_at=goodput.process_start(parent=True))
         try:
             summary = train(plan.cfg, ctx)
         except Exception:
@@ -160,6 +163,7 @@ def _ray_worker(loop_config: dict) -> RunSummary:
     import ray.train
     from ray.experimental import internal_kv
 
+    started_at = time.time()  # goodput: this attempt's start in this worker
     plan = JobPlan.from_dict(loop_config["plan"])
     rc = ray.train.get_context()
     _watch_preemption(loop_config.get("preempt_key"))
@@ -177,7 +181,8 @@ def _ray_worker(loop_config: dict) -> RunSummary:
 
     ctx = Context(rank=rc.get_world_rank(), world_size=rc.get_world_size(), local_rank=rc.get_local_rank(),
                   launcher="ray", run_id=plan.run_id, report=report, node_drain=_ray_node_drain, plan=plan,
-                  latest_checkpoint=lambda: _ray_latest(plan, restarted_after_a_checkpoint=checkpointed[0]))
+                  latest_checkpoint=lambda: _ray_latest(plan, restarted_after_a_checkpoint=checkpointed[0]),
+                  started_at=started_at, launched_at=loop_config.get("launched_at"))  # goodput's clock
     try:
         return train(plan.cfg, ctx)  # a non-finite loss returns too: retrying from the same checkpoint repeats it
     except AllRanksError as e:  # bad input every rank agreed on: end the run instead of retrying it
@@ -258,9 +263,11 @@ def init_ray() -> None:
         ray.init(address="local", log_to_driver=True)
 
 
-def ray_trainer(plan: JobPlan, callbacks: tuple = (), gpus_per_worker: float = 1.0):
+def ray_trainer(plan: JobPlan, callbacks: tuple = (), gpus_per_worker: float = 1.0,
+                launched_at: float | None = None):
     """The TorchTrainer over :func:`_ray_worker` for the job ``plan`` (its MLflow run opened). One
-    builder for a plain training job and for each trial of a sweep (unet_dist.tune)."""
+    builder for a plain training job and for each trial of a sweep (unet_dist.tune).
+    ``launched_at``: when the job was launched (epoch s), where its goodput's wall time starts."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -268,7 +275,8 @@ def ray_trainer(plan: JobPlan, callbacks: tuple = (), gpus_per_worker: float = 1
     filesystem, storage_path = storage.location(t.checkpoint_dir).ray_storage()  # a store: same endpoint as ours
     return TorchTrainer(
         _ray_worker,
-        train_loop_config={"plan": plan.to_dict(), "preempt_key": _preempt_key(plan.cfg, plan.run_id)},
+        train_loop_config={"plan": plan.to_dict(), "preempt_key": _preempt_key(plan.cfg, plan.run_id),
+                           "launched_at": launched_at},
         torch_config=_torch_config()(backend="nccl" if t.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=t.workers, use_gpu=t.use_gpu,
                                      resources_per_worker={"CPU": t.cpus_per_worker,
@@ -308,8 +316,9 @@ def fit_ray(plan: JobPlan, trainer) -> RunSummary:
                                world_size=plan.cfg.train.workers, resumed_from=plan.latest, mlflow_run_id=plan.run_id)
 
 
-def run_ray(cfg: Config) -> RunSummary:
-    """Start a TorchTrainer on ``$RAY_ADDRESS`` (or a local Ray) and wait for it."""
+def run_ray(cfg: Config, launched_at: float | None = None) -> RunSummary:
+    """Start a TorchTrainer on ``$RAY_ADDRESS`` (or a local Ray) and wait for it. ``launched_at``
+    (epoch s): where the run's goodput wall time starts; by default this process's start."""
     plan = preflight(cfg)
     init_ray()
     import ray
@@ -318,4 +327,5 @@ def run_ray(cfg: Config) -> RunSummary:
     multinode.check_ray_cluster(plan.cfg)  # before the run exists: a store or folder one node lacks
     plan = open_run(plan, "ray", plan.cfg.train.workers)
     _forward_driver_preemption(_preempt_key(plan.cfg, plan.run_id))
-    return fit_ray(plan, ray_trainer(plan))
+    launched_at = launched_at or goodput.process_start()  # goodput: the driver's start
+    return fit_ray(plan, ray_trainer(plan, launched_at=launched_at))

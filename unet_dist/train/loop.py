@@ -4,8 +4,8 @@ between them (how a checkpoint is published, where the latest one is found) come
 
 What a run needs is built once (:mod:`~unet_dist.train.parts`), what changes as it trains is a small
 :class:`~unet_dist.train.progress.Progress`, and :class:`~unet_dist.train.schedule.Schedule` decides
-what follows each step. :func:`save` is the one place a checkpoint is written; the time of each phase
-is recorded in ``progress.timings``.
+what follows each step. :func:`save` is the one place a checkpoint is written; where the time goes
+(start-up, data wait, evaluation, checkpoints, the steps) is the goodput clock's, in ``p.observer``.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from unet_dist import checkpoint
 from unet_dist.train import agree, parts, preemption, rank_state
 from unet_dist.train import plan as job_plan
 from unet_dist.train.context import Context
+from unet_dist.train.observer import Observer
 from unet_dist.train.parts import Parts, Trainable
 from unet_dist.train.progress import NO_STEP, Progress, Window
 from unet_dist.train.schedule import Due, Schedule
@@ -36,18 +37,18 @@ log = logging.getLogger("unet_dist.train")
 
 def train(cfg: Config, ctx: Context) -> RunSummary:
     """Train ``cfg.train.steps`` optimiser steps in this rank; returns the run summary."""
-    started = time.perf_counter()
     plan = ctx.plan or job_plan.from_shards(cfg, run_id=ctx.run_id)
+    observer = Observer(cfg, ctx, plan.run_dir)  # the goodput clock runs from ctx.started_at
     core = parts.trainable(cfg, ctx, plan)  # device, seeds, verified shards, model, optimiser, lr schedule
-    progress = restore(core, ctx)  # the launcher's newest checkpoint, if any; a refused one stops all ranks
-    p = parts.build(cfg, ctx, plan, core, progress.step)  # DDP, loss, stream from the restored step, tracking
-    progress.timings.seconds["startup"] += time.perf_counter() - started
+    progress = restore(core, ctx, observer)  # the newest checkpoint, if any; a refused one stops all ranks
+    p = parts.build(cfg, ctx, plan, core, progress.step, observer)  # DDP, loss, stream from there, tracking
     run_steps(p, progress, Schedule.of(cfg.train))  # steps; evaluate and checkpoint when due
     return finish(p, progress)  # summary; rank 0 logs the model and closes the MLflow run
 
 
-def restore(core: Trainable, ctx: Context) -> Progress:
-    """Continue from the launcher's newest checkpoint, if any; a refused one stops every rank together."""
+def restore(core: Trainable, ctx: Context, observer: Observer) -> Progress:
+    """Continue from the launcher's newest checkpoint, if any; a refused one stops every rank together.
+    The goodput ledger the checkpoint carries goes to ``observer``."""
     progress, error = Progress(), ""
     with ctx.latest_checkpoint() as ckpt_dir:
         if ckpt_dir is not None:
@@ -64,6 +65,7 @@ def restore(core: Trainable, ctx: Context) -> Progress:
                     log.warning("%s was written by another world size: the resume is not exact", ckpt_dir)
                 progress = Progress.restored(state)
                 progress.resumed_from = str(ckpt_dir)
+                observer.resumed_from(checkpoint.read_meta(ckpt_dir))
     agree.all_ok(not error, error, ctx.world_size)
     if ctx.rank == 0 and progress.resumed_from:
         log.info("resumed from %s at step %d", progress.resumed_from, progress.step)
@@ -79,10 +81,12 @@ def run_steps(p: Parts, progress: Progress, schedule: Schedule) -> None:
     if p.start_step >= schedule.steps and p.ctx.rank == 0:
         log.info("run already complete at step %d: nothing to train", p.start_step)
     progress.first_bad = torch.full((), NO_STEP, dtype=torch.int64, device=p.device)
+    p.observer.steps_begin(p.tracker, p.start_step)  # start-up ends; a resume's goodput is reported
     for step in range(p.start_step + 1, schedule.steps + 1):
         if not _step(p, progress, step, schedule.at(step)):
             break
     preemption.steps_done()
+    p.observer.steps_end()
     progress.loop_s = time.perf_counter() - t0
 
 
@@ -114,26 +118,25 @@ def _optimizer_step(p: Parts, progress: Progress, due: Due) -> int | None:
     The loss is summed and a non-finite one recorded on the device; where the schedule reads the
     device, the record is read before the update: the first non-finite step (the same on every rank)
     is returned, and this step's update is not made, so no later checkpoint is ever written."""
-    t, timings, w = p.cfg.train, progress.timings, progress.window
+    t, w = p.cfg.train, progress.window
     step_loss = None
     for micro in range(t.accumulation):
-        with timings.phase("data"):
-            images, target = to_device(next(p.batches), p.aug, p.device, t.channels_last)
-        with timings.phase("compute"):
-            loss = _forward_backward(p, images, target, sync=micro == t.accumulation - 1)
+        with p.observer.timed("data_wait"):
+            batch = next(p.batches)
+        images, target = to_device(batch, p.aug, p.device, t.channels_last)
+        loss = _forward_backward(p, images, target, sync=micro == t.accumulation - 1)
         step_loss = loss if step_loss is None else step_loss + loss
-    with timings.phase("compute"):
-        w.loss_sum, w.loss_n = w.loss_sum + step_loss, w.loss_n + 1
-        # clamp takes the step as a kernel argument: no host-to-device copy
-        progress.first_bad = torch.where(torch.isfinite(step_loss), progress.first_bad,
-                                         progress.first_bad.clamp(max=progress.step))
-        if due.read_device and (bad := agree.first_bad_step(progress.first_bad, p.ctx.world_size)) is not None:
-            return bad
-        if t.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(p.model.parameters(), t.grad_clip)
-        p.optimizer.step()
-        p.scheduler.step()
-        p.optimizer.zero_grad(set_to_none=True)
+    w.loss_sum, w.loss_n = w.loss_sum + step_loss, w.loss_n + 1
+    # clamp takes the step as a kernel argument: no host-to-device copy
+    progress.first_bad = torch.where(torch.isfinite(step_loss), progress.first_bad,
+                                     progress.first_bad.clamp(max=progress.step))
+    if due.read_device and (bad := agree.first_bad_step(progress.first_bad, p.ctx.world_size)) is not None:
+        return bad
+    if t.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(p.model.parameters(), t.grad_clip)
+    p.optimizer.step()
+    p.scheduler.step()
+    p.optimizer.zero_grad(set_to_none=True)
     w.images += p.global_batch
     return None
 
@@ -155,6 +158,7 @@ def _log_train(p: Parts, progress: Progress, step: int) -> None:
     rate = w.images / max(time.perf_counter() - w.started, 1e-9)
     mean_loss = float(w.loss_sum) / max(w.loss_n, 1)  # the window's one host read of the loss
     p.tracker.metrics({"train/loss": mean_loss, "train/lr": lr, "train/images_per_s": rate}, step)
+    p.observer.logged(step, rate)  # the Prometheus series and the goodput beacon
     if p.ctx.rank == 0:
         log.info("step %d/%d loss %.4f lr %.2e %.1f img/s", step, p.cfg.train.steps, mean_loss, lr, rate)
     progress.window = Window()
@@ -183,7 +187,7 @@ def _evaluate_and_checkpoint(p: Parts, progress: Progress, step: int, due: Due) 
 def _evaluate(p: Parts, progress: Progress, step: int) -> None:
     """Val scores on every rank (each scores a share); rank 0 logs them with example pictures."""
     t, ctx = p.cfg.train, p.ctx
-    with progress.timings.phase("eval"):
+    with p.observer.timed("evaluation"):
         result = evaluate_model(p.model, p.val_urls, batch_size=t.batch_size, device=p.device, dtype=p.dtype,
                                 rank=ctx.rank, world=ctx.world_size, limit=t.eval_batches,
                                 keep_examples=4 if ctx.rank == 0 else 0)
@@ -242,7 +246,7 @@ def save(p: Parts, progress: Progress, step: int, metrics: dict) -> None:
     rank 0 writes the checkpoint and the launcher publishes it (``ctx.report``). An asynchronous
     writer replaces this body, not its callers."""
     ctx = p.ctx
-    with progress.timings.phase("checkpoint"):
+    with p.observer.timed("checkpoint"):
         ranks = rank_state.gather_rank_states(p.model, ctx.world_size)
         if ctx.rank != 0:
             ctx.report(metrics, None)
@@ -255,7 +259,8 @@ def save(p: Parts, progress: Progress, step: int, metrics: dict) -> None:
                 meta = checkpoint.meta(p.cfg, step=step, best_miou=progress.best_miou, run_id=p.plan.run_id,
                                        world_size=ctx.world_size, launcher=ctx.launcher,
                                        manifest_sha256=p.plan.manifest_sha256)
-                meta.update(status=metrics.get("status"), data_position=step * p.cfg.train.accumulation)
+                meta.update(status=metrics.get("status"), data_position=step * p.cfg.train.accumulation,
+                            goodput=p.observer.ledger(step))  # the ledger a resumed attempt carries on
                 checkpoint.write(Path(tmp), state, meta)
                 progress.last_checkpoint = ctx.report(metrics, Path(tmp))
     progress.saved = step
@@ -269,20 +274,24 @@ def finish(p: Parts, progress: Progress) -> RunSummary:
     stopped_cleanly = status in ("finished", preemption.STATUS)
     if not stopped_cleanly:
         ctx.report({"step": step - 1, "status": status, "best_miou": progress.best_miou}, None)
+    steps = step if stopped_cleanly else step - 1
+    model_uri, goodput = _close_run(p, progress, steps) if ctx.rank == 0 else (None, None)
     return RunSummary(
-        status=status, steps=step if stopped_cleanly else step - 1, best_miou=measured(progress.best_miou),
+        status=status, steps=steps, best_miou=measured(progress.best_miou),
         val_miou=measured(progress.last_scores.get("miou")), loop_s=round(progress.loop_s, 1),
         world_size=ctx.world_size, resumed_from=progress.resumed_from, mlflow_run_id=p.plan.run_id,
-        model_uri=_close_run(p, progress) if ctx.rank == 0 else None,
-        checkpoint=progress.last_checkpoint or progress.resumed_from, rank=ctx.rank)
+        model_uri=model_uri, checkpoint=progress.last_checkpoint or progress.resumed_from, rank=ctx.rank,
+        goodput=goodput)
 
 
-def _close_run(p: Parts, progress: Progress) -> str | None:
-    """Rank 0: the model logged (a finished run that trained), the MLflow run closed; the model's URI."""
+def _close_run(p: Parts, progress: Progress, steps: int) -> tuple[str | None, dict]:
+    """Rank 0: the model logged (a finished run that trained), the goodput report, the MLflow run
+    closed; the model's URI and the report."""
     cfg, status, uri = p.cfg, progress.status, None
     if status == "finished" and cfg.mlflow.log_model and p.plan.run_id and progress.step > p.start_step:
         uri = p.tracker.model(p.model, cfg, parts.example_hw(cfg, p.crop))
     if status == preemption.STATUS:  # resumable: not FAILED
         p.tracker.tags({"unet_dist.status": status, "unet_dist.preempted_at_step": progress.step})
+    goodput = p.observer.end(p.tracker, steps, status)
     p.tracker.close({"finished": "FINISHED", preemption.STATUS: "KILLED"}.get(status, "FAILED"))
-    return uri
+    return uri, goodput

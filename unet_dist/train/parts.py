@@ -28,6 +28,7 @@ from unet_dist.model import UNet, margin
 from unet_dist.tracking import NullLogger, RunLogger
 from unet_dist.train import agree, preemption
 from unet_dist.train.context import Context
+from unet_dist.train.observer import Observer
 from unet_dist.train.plan import JobPlan
 
 log = logging.getLogger("unet_dist.train")
@@ -60,6 +61,7 @@ class Parts(Trainable):
     tracker: RunLogger | NullLogger  # rank 0's MLflow run; NullLogger elsewhere
     global_batch: int
     preempt_group: object  # the process group the preemption flag is agreed on
+    observer: Observer  # the goodput clock and the Prometheus series (train/observer.py)
 
 
 def trainable(cfg: Config, ctx: Context, plan: JobPlan) -> Trainable:
@@ -76,7 +78,7 @@ def trainable(cfg: Config, ctx: Context, plan: JobPlan) -> Trainable:
     return Trainable(device, model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg)))
 
 
-def build(cfg: Config, ctx: Context, plan: JobPlan, core: Trainable, start_step: int) -> Parts:
+def build(cfg: Config, ctx: Context, plan: JobPlan, core: Trainable, start_step: int, observer: Observer) -> Parts:
     """The rest, once the checkpoint is restored into ``core``: the stream resumes where it left off."""
     t, device = cfg.train, core.device
     if t.channels_last:
@@ -102,7 +104,7 @@ def build(cfg: Config, ctx: Context, plan: JobPlan, core: Trainable, start_step:
     return Parts(**vars(core), cfg=cfg, ctx=ctx, plan=plan, start_step=start_step, net=net, step_fn=step_fn,
                  loss_fn=loss_fn, dtype=amp_dtype(cfg, device), crop=crop, aug=aug, batches=batches,
                  val_urls=shards.shard_paths(cfg.shards.dir, plan.manifest, "val"), tracker=tracker,
-                 global_batch=global_batch, preempt_group=preempt_group)
+                 global_batch=global_batch, preempt_group=preempt_group, observer=observer)
 
 
 def open_tracker(cfg: Config, ctx: Context, plan: JobPlan, start_step: int, global_batch: int,

@@ -2,18 +2,17 @@
 
 A checkpoint keeps ``step`` and ``best_miou`` of it (:meth:`Progress.saved`) and a resume starts from
 them (:meth:`Progress.restored`); the rest lives as long as the process: the log window, the
-device-side record of the first non-finite loss, how the run is ending, and the seconds per phase.
+device-side record of the first non-finite loss and how the run is ending. Where the time goes is
+the goodput clock's (:mod:`unet_dist.train.observer`).
 """
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field
 
 import torch
 
 NO_STEP = 2**62  # "no non-finite loss yet" in the device-side first-bad-step record
-PHASES = ("startup", "data", "compute", "eval", "checkpoint")
 
 
 @dataclass
@@ -25,24 +24,6 @@ class Window:
     images: int = 0
     loss_sum: torch.Tensor | float = 0.0
     loss_n: int = 0
-
-
-@dataclass
-class PhaseTimes:
-    """Host seconds this rank spent per phase, summed: start-up (building the parts, restoring),
-    data (waiting for the next batch and moving it to the device), compute (forward, backward, update:
-    on a GPU the time to queue them, as the loop never waits on the device to measure), eval and
-    checkpoint. The one record that goodput and metrics exporters read."""
-
-    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
-
-    @contextlib.contextmanager
-    def phase(self, name: str):
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] += time.perf_counter() - start
 
 
 @dataclass
@@ -58,7 +39,6 @@ class Progress:
     window: Window = field(default_factory=Window)
     first_bad: torch.Tensor | None = None  # the first step with a non-finite loss (NO_STEP: none), on the device
     loop_s: float = 0.0  # the steps' wall time, evaluations and checkpoints included
-    timings: PhaseTimes = field(default_factory=PhaseTimes)
 
     def saved_state(self) -> dict:
         """What a checkpoint keeps of the progress."""

@@ -27,6 +27,7 @@ class RunSummary:
     checkpoint: str | None = None  # the newest checkpoint when the run ended: the last good one
     rank: int = 0  # the rank that wrote it (torchrun: every rank returns one; rank 0's is the job's)
     error: str | None = None  # status "error": the one line every rank agreed on
+    goodput: dict | None = None  # rank 0: where the job's wall time went (train/goodput.py)
 
     def __getitem__(self, name: str):
         """Read by name too, as the dict it replaced (tests, scripts): ``summary["steps"]``."""
