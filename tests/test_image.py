@@ -24,6 +24,7 @@ import os
 import re
 import secrets
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -521,3 +522,42 @@ def test_every_container_of_the_kit_that_runs_the_image_was_run_in_it(kit, smoke
     not_run = everything - kit.ran
     explained = {x for x in not_run if (x[0], x[1]) in NOT_RUN or (x[0] == "s3" and x[1] not in S3_OVERLAY_RUNS)}
     assert not_run == explained, f"containers of the kit that no test runs in the image: {sorted(not_run - explained)}"
+
+
+# --------------------------------------------------------------------------------------------
+# The build itself
+# --------------------------------------------------------------------------------------------
+
+def dependency_layer(image: str) -> str:
+    """The id of the layer the Dockerfile's dependency step made (`pip install ... -c constraints.txt`)."""
+    history = podman("history", "--no-trunc", "--format", "{{.ID}}\t{{.CreatedBy}}", image).stdout.splitlines()
+    (layer,) = [line.split("\t")[0] for line in history if "pip install" in line and "constraints.txt" in line]
+    return layer
+
+
+def test_a_one_line_code_change_rebuilds_on_the_cached_dependency_layer(image, tmp_path, request):
+    """The dependency layer (about 1.7 GB) survives an edit of the code: only the code layers are
+    built again. The build context is what the Dockerfile copies, with one line added to the package."""
+    context = tmp_path / "context"
+    context.mkdir()
+    for name in ("Dockerfile", ".dockerignore", "Makefile", "pyproject.toml", "constraints.txt", "README.md"):
+        shutil.copy2(REPO / name, context / name)
+    for name in ("unet_dist", "jobs", "scripts"):
+        shutil.copytree(REPO / name, context / name, ignore=shutil.ignore_patterns("__pycache__"))
+    with open(context / "unet_dist" / "__init__.py", "a") as f:
+        f.write("# a one-line change\n")
+    tag = f"unet-dist:rebuild-{os.getpid()}"
+    t0 = time.monotonic()
+    proc = subprocess.run(["make", "-s", "-C", str(context), "image", f"IMAGE={tag}"], capture_output=True, text=True,
+                          timeout=900)
+    seconds = time.monotonic() - t0
+    try:
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        assert dependency_layer(tag) == dependency_layer(image), "the dependency layer was built again"
+        assert podman("image", "inspect", "--format", "{{.Id}}", tag).stdout != podman(
+            "image", "inspect", "--format", "{{.Id}}", image).stdout, "the code change did not reach the image"
+    finally:
+        podman("rmi", tag, check=False)
+    writer = request.config.pluginmanager.get_plugin("terminalreporter")
+    with request.config.pluginmanager.get_plugin("capturemanager").global_and_fixture_disabled():
+        writer.write_line(f"\nimage rebuild after a one-line code change: {seconds:.1f} s")
