@@ -265,20 +265,27 @@ def s3_client(kit: Kit):
                         aws_access_key_id=keys["AWS_ACCESS_KEY_ID"], aws_secret_access_key=keys["AWS_SECRET_ACCESS_KEY"])
 
 
+def start_deployment(kit: Kit, objects: list[dict], deployment: str, role: str) -> tuple[str, str]:
+    """A Deployment's container, started and waited for by its own startup probe, then every probe
+    it has tried once; returns its name and address."""
+    obj = find(objects, "Deployment", deployment)
+    spec = obj["spec"]["template"]["spec"]
+    (c,) = spec["containers"]
+    ip = kit.cluster.address(IP[c["name"]])
+    t0 = time.monotonic()
+    name = kit.cluster.start(spec, c, name=c["name"], ip=ip)
+    kit.cluster.wait_until(name, ip, c, c["startupProbe"], timeout=300)
+    kit.timings[role] = time.monotonic() - t0
+    kit.mark("cpu-smoke", obj, c)
+    kit.check_probes(name, ip, c)
+    return name, ip
+
+
 @pytest.fixture(scope="module")
 def mlflow_pod(kit) -> dict:
     """The MLflow Deployment's container on PostgreSQL, ready by its own startup probe; then, as
     docs/security.md tells an operator, the admin creates the jobs' user of the mlflow-client Secret."""
-    deployment = find(overlay_objects("cpu-smoke"), "Deployment", "mlflow")
-    spec = deployment["spec"]["template"]["spec"]
-    (c,) = spec["containers"]
-    ip = kit.cluster.address(IP["mlflow"])
-    t0 = time.monotonic()
-    name = kit.cluster.start(spec, c, name="mlflow", ip=ip)
-    kit.cluster.wait_until(name, ip, c, c["startupProbe"], timeout=300)
-    kit.timings["mlflow server"] = time.monotonic() - t0
-    kit.mark("cpu-smoke", deployment, c)
-    kit.check_probes(name, ip, c)
+    name, _ = start_deployment(kit, overlay_objects("cpu-smoke"), "mlflow", "mlflow server")
     admin = tuple(kit.cluster.secrets["mlflow-admin"][k] for k in ("username", "password"))
     jobs = tuple(kit.cluster.secrets["mlflow-client"][k] for k in ("username", "password"))
     status, _ = kit.mlflow("/api/2.0/mlflow/users/create", auth=admin, body={"username": jobs[0], "password": jobs[1]})
@@ -287,7 +294,7 @@ def mlflow_pod(kit) -> dict:
 
 
 def kuberay_start_command(group: dict, container: dict, *, head: bool) -> str:
-    """The command KubeRay (>= 1.6) gives a Ray container without one: `ray start` with the group's
+    """The command KubeRay gives a Ray container without one: `ray start` with the group's
     rayStartParams, CPUs and memory from the container's limits, its default ports, `--block`."""
     params = dict(group.get("rayStartParams", {}))
     limits = container["resources"]["limits"]
@@ -301,13 +308,13 @@ def kuberay_start_command(group: dict, container: dict, *, head: bool) -> str:
     return f"ulimit -n ${{RAY_START_ULIMIT_OPEN_FILES:-65536}}; ray start {'--head ' if head else ''}{flags} --block"
 
 
-# KubeRay's probes for a Ray container without its own (Ray >= 2.53: one HTTP check on the dashboard
-# agent; operators before 1.6: the wget commands, run inside the container).
+# KubeRay's probes for a Ray container without its own: recent operators with Ray >= 2.53 send one
+# HTTP check to the dashboard agent; older ones (or older Ray) run wget commands inside the container.
 def kuberay_probes(head: bool) -> list[tuple[str, dict]]:
     wget = "wget --tries 1 -T 2 -q -O- http://localhost:{}/api/{} | grep success"
     commands = [wget.format(52365, "local_raylet_healthz"), *([wget.format(8265, "gcs_healthz")] if head else [])]
     return [("readinessProbe (KubeRay, HTTP)", {"httpGet": {"path": "/api/healthz", "port": 52365}}),
-            ("livenessProbe (KubeRay < 1.6, exec)", {"exec": {"command": ["bash", "-c", " && ".join(commands)]}})]
+            ("livenessProbe (older KubeRay, exec)", {"exec": {"command": ["bash", "-c", " && ".join(commands)]}})]
 
 
 @pytest.fixture(scope="module")
@@ -372,16 +379,7 @@ def ray_job(kit, ray_cluster) -> dict:
 @pytest.fixture(scope="module")
 def serve_pod(kit, ray_job) -> dict:
     """The model server's Deployment serving the model the Ray job registered, ready by its probes."""
-    deployment = find(overlay_objects("cpu-smoke", "serve"), "Deployment", "unet-serve")
-    spec = deployment["spec"]["template"]["spec"]
-    (c,) = spec["containers"]
-    ip = kit.cluster.address(IP["serve"])
-    t0 = time.monotonic()
-    name = kit.cluster.start(spec, c, name="serve", ip=ip)
-    kit.cluster.wait_until(name, ip, c, c["startupProbe"], timeout=300)
-    kit.timings["model server"] = time.monotonic() - t0
-    kit.mark("cpu-smoke", deployment, c)
-    kit.check_probes(name, ip, c)
+    name, ip = start_deployment(kit, overlay_objects("cpu-smoke", "serve"), "unet-serve", "model server")
     return {"name": name, "url": f"http://{ip}:8080"}
 
 
