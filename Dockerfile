@@ -46,7 +46,7 @@ RUN mkdir unet_dist && touch unet_dist/__init__.py README.md \
     && pip install ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} -c constraints.txt ".[gpu]" "psycopg[binary]" \
     && rm -rf unet_dist build ./*.egg-info README.md \
     && site="$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
-    && find "$site" -depth -type d -name tests -prune -exec rm -rf {} + \
+    && find "$site" -type d -name tests -prune -exec rm -rf {} + \
     && rm -rf "$site/torch/test" "$site"/torch/bin/test_*
 
 # The code, then the job configs (entry points read /app/jobs/configs/*.yaml).

@@ -211,9 +211,13 @@ class PodmanCluster:
         finally:
             podman("rm", "--force", "--time", "5", name, check=False)
 
+    def wait(self, name: str, timeout: float) -> int:
+        """Wait for a started container to exit; its exit code."""
+        return int(podman("wait", name, timeout=timeout).stdout.strip())
+
     def logs(self, name: str) -> str:
         proc = podman("logs", name, check=False)
-        return (proc.stdout + proc.stderr)[-6000:]
+        return proc.stdout + proc.stderr
 
     def running(self, name: str) -> bool:
         proc = podman("inspect", "--format", "{{.State.Running}}", name, check=False)
@@ -258,7 +262,7 @@ class PodmanCluster:
             if not self.running(name):
                 break
             time.sleep(1)
-        raise AssertionError(f"{name}: probe never passed ({said}); running={self.running(name)}\n{self.logs(name)}")
+        raise AssertionError(f"{name}: probe never passed ({said}); running={self.running(name)}\n{self.logs(name)[-6000:]}")
 
 
 def port_number(container: dict, port) -> int:

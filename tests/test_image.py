@@ -48,14 +48,13 @@ IMAGE = os.environ.get("UNET_IMAGE", "unet-dist:dev")
 BUCKET = "unet-dist"  # the bucket k8s/components/s3 names
 # Addresses in the podman network (the host is .1): fixed, so every /etc/hosts can name them up front.
 IP = {"mlflow": 10, "ray-head": 11, "ray-worker": 12, "ray-job-submitter": 13, "serve": 14, "node": 15,
-      "synth": 20, "preprocess": 21, "preprocess-s3": 22}
+      "pytorch-master": 16, "pytorch-worker": 17, "synth": 20, "preprocess": 21, "preprocess-s3": 22}
 # Tiny runs: what the tests append to the kit's own commands (`--set`), and nothing else.
 TINY_TRAIN = ["train.steps=4", "train.eval_every=4", "train.checkpoint_every=2", "train.log_every=1"]
 TINY_CITYSCAPES = ["shards.processes=2", "shards.samples_per_shard=4"]
 # Containers of the kit that run the image and are not run here, and why.
 NOT_RUN = {
     ("cpu-smoke", "RayJob/unet-tune-ray"): "the training RayJob's cluster (tests/test_k8s.py checks they are equal), entrypoint unet_dist.tune",
-    ("cpu-smoke", "PyTorchJob/unet-train-pytorchjob"): "the same torchrun command as the TrainJob's node, for older Kubeflow operators",
 }
 S3_OVERLAY_RUNS = {"Job/unet-preprocess"}  # of the s3 overlay, the role that differs most: the rest differ only in --set paths
 
@@ -289,7 +288,7 @@ def mlflow_pod(kit) -> dict:
     admin = tuple(kit.cluster.secrets["mlflow-admin"][k] for k in ("username", "password"))
     jobs = tuple(kit.cluster.secrets["mlflow-client"][k] for k in ("username", "password"))
     status, _ = kit.mlflow("/api/2.0/mlflow/users/create", auth=admin, body={"username": jobs[0], "password": jobs[1]})
-    assert status == 200, kit.cluster.logs(name)
+    assert status == 200, kit.cluster.logs(name)[-6000:]
     return {"name": name, "admin": admin, "jobs": jobs}
 
 
@@ -407,6 +406,33 @@ def torchrun_job(kit, smoke_shards, mlflow_pod, serve_pod) -> subprocess.Complet
     return proc
 
 
+@pytest.fixture(scope="module")
+def pytorchjob_run(kit, smoke_shards, mlflow_pod, torchrun_job) -> dict[str, tuple[int, str]]:
+    """The PyTorchJob's Master and Worker containers, one torchrun process each, with what the
+    Training Operator gives them: MASTER_ADDR (the master's Service), MASTER_PORT (its port), PET_*."""
+    job = find(overlay_objects("cpu-smoke", "pytorchjob"), "PyTorchJob")
+    replicas = job["spec"]["pytorchReplicaSpecs"]
+    master_host = f"{job['metadata']['name']}-master-0"
+    kit.cluster.hosts[master_host] = kit.cluster.address(IP["pytorch-master"])
+    size = sum(r["replicas"] for r in replicas.values())
+    t0, names = time.monotonic(), {}
+    for rank, role in enumerate(("Master", "Worker")):
+        spec = replicas[role]["template"]["spec"]
+        (c,) = spec["containers"]
+        port = next(p["containerPort"] for p in c["ports"] if p["name"] == "pytorchjob-port")
+        env = {"MASTER_ADDR": master_host, "MASTER_PORT": str(port), "WORLD_SIZE": str(size), "RANK": str(rank),
+               "PET_NNODES": str(size), "PET_NPROC_PER_NODE": job["spec"]["nprocPerNode"], "PET_NODE_RANK": str(rank)}
+        (script,) = c["args"]  # bash -c '<torchrun ...>': the tiny sizes go at its end
+        extra = shlex.join(sets(*TINY_TRAIN, "train.run_name=unet-smoke-pytorchjob", "mlflow.log_model=false"))
+        name = f"pytorch-{role.lower()}"
+        kit.cluster.start(spec, c, name=name, ip=kit.cluster.address(IP[name]), env=env, args=[f"{script} {extra}"])
+        kit.mark("cpu-smoke", job, c)
+        names[role] = name
+    results = {role: (kit.cluster.wait(name, timeout=900), kit.cluster.logs(name)) for role, name in names.items()}
+    kit.timings["PyTorchJob master + worker (1 process each, to exit)"] = time.monotonic() - t0
+    return results
+
+
 # --------------------------------------------------------------------------------------------
 # What each role did
 # --------------------------------------------------------------------------------------------
@@ -490,6 +516,15 @@ def test_torchrun_container_trains_two_processes(kit, torchrun_job):
     assert list((kit.shared / "checkpoints" / "unet-smoke-torchrun").glob("checkpoint_step-*"))
 
 
+def test_pytorchjob_master_and_worker_containers_train_together(kit, pytorchjob_run):
+    ranks = {}
+    for role, (code, log) in pytorchjob_run.items():
+        assert code == 0, f"{role} exited {code}:\n{log[-5000:]}"
+        ranks.update(re.findall(r"rank (\d+) final weights sha256 (\w+)", log))
+    assert set(ranks) == {"0", "1"} and len(set(ranks.values())) == 1, ranks
+    assert list((kit.shared / "checkpoints" / "unet-smoke-pytorchjob").glob("checkpoint_step-*"))
+
+
 # --------------------------------------------------------------------------------------------
 # Across the roles: the probes, and that no container of the kit went unrun
 # --------------------------------------------------------------------------------------------
@@ -509,7 +544,7 @@ def test_every_probe_in_the_manifests_succeeds_inside_its_container(kit, mlflow_
 
 
 def test_every_container_of_the_kit_that_runs_the_image_was_run_in_it(kit, smoke_shards, s3_shards, ray_job,
-                                                                       serve_pod, torchrun_job):
+                                                                       serve_pod, torchrun_job, pytorchjob_run):
     everything = set()
     for overlay in ("cpu-smoke", "s3"):
         for app in (None, "ray", "trainjob", "pytorchjob", "serve", *(("tune",) if overlay == "cpu-smoke" else ())):
