@@ -51,7 +51,8 @@ def resolve() -> list[dict]:
 
 def size_on_pypi(name: str, url: str) -> int:
     """The size PyPI's simple index (JSON form, PEP 691/700) lists for the file at ``url``."""
-    req = urllib.request.Request(f"https://pypi.org/simple/{name}/", headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+    req = urllib.request.Request(f"https://pypi.org/simple/{name}/",
+                                 headers={"Accept": "application/vnd.pypi.simple.v1+json"})
     with urllib.request.urlopen(req, timeout=60) as r:
         files = json.load(r)["files"]
     filename = url.rsplit("/", 1)[-1]

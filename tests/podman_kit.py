@@ -262,7 +262,8 @@ class PodmanCluster:
             if not self.running(name):
                 break
             time.sleep(1)
-        raise AssertionError(f"{name}: probe never passed ({said}); running={self.running(name)}\n{self.logs(name)[-6000:]}")
+        raise AssertionError(f"{name}: probe never passed ({said}); running={self.running(name)}\n"
+                             f"{self.logs(name)[-6000:]}")
 
 
 def port_number(container: dict, port) -> int:

@@ -27,6 +27,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -54,9 +55,11 @@ TINY_TRAIN = ["train.steps=4", "train.eval_every=4", "train.checkpoint_every=2",
 TINY_CITYSCAPES = ["shards.processes=2", "shards.samples_per_shard=4"]
 # Containers of the kit that run the image and are not run here, and why.
 NOT_RUN = {
-    ("cpu-smoke", "RayJob/unet-tune-ray"): "the training RayJob's cluster (tests/test_k8s.py checks they are equal), entrypoint unet_dist.tune",
+    ("cpu-smoke", "RayJob/unet-tune-ray"):
+        "the training RayJob's cluster (tests/test_k8s.py checks they are equal), entrypoint unet_dist.tune",
 }
-S3_OVERLAY_RUNS = {"Job/unet-preprocess"}  # of the s3 overlay, the role that differs most: the rest differ only in --set paths
+# Of the s3 overlay, the role that differs most; its other pods differ only in --set paths.
+S3_OVERLAY_RUNS = {"Job/unet-preprocess"}
 
 
 def overlay_objects(overlay: str, app: str | None = None) -> list[dict]:
@@ -69,6 +72,9 @@ def find(objects: list[dict], kind: str, name: str | None = None) -> dict:
 
 def config_maps(objects: list[dict]) -> dict[str, dict[str, str]]:
     return {o["metadata"]["name"]: dict(o.get("data", {})) for o in objects if o["kind"] == "ConfigMap"}
+
+
+PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
 
 
 def sets(*assignments: str) -> list[str]:
@@ -89,7 +95,7 @@ class Kit:
 
     def check_probes(self, name: str, ip: str, container: dict) -> None:
         """Every probe the manifest gives this container, once, now that it is ready."""
-        for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+        for kind in PROBES:
             if kind in container:
                 ok, said = self.cluster.probe(name, ip, container, container[kind])
                 self.probes.append((name, kind, ok, said))
@@ -113,14 +119,14 @@ def secret_values(postgres_password: str) -> dict[str, dict[str, str]]:
     """A value for every Secret of k8s/EXTERNAL_SECRETS (a new Secret there fails here until added)."""
     values = {
         "mlflow-postgres": {"username": "mlflow", "password": postgres_password},
-        "mlflow-admin": {"username": "admin", "password": secrets.token_hex(16), "flask-secret-key": secrets.token_hex(16)},
+        "mlflow-admin": {"username": "admin", "password": secrets.token_hex(16),
+                         "flask-secret-key": secrets.token_hex(16)},
         "mlflow-client": {"username": "unet-jobs", "password": secrets.token_hex(16)},
         "ray-auth-token": {"auth_token": secrets.token_hex(32)},
         "unet-dist-s3": {"AWS_ACCESS_KEY_ID": "testing-key", "AWS_SECRET_ACCESS_KEY": "testing-secret"},
     }
     assert set(values) == external_secrets(), "give tests/test_image.py a test value for each Secret"
     return values
-
 
 
 def free_subnet() -> str:
@@ -171,7 +177,8 @@ def kit(image, tmp_path_factory, request):
     try:
         cluster.create()
         pg_user = cluster.secrets["mlflow-postgres"]["username"]
-        with host_postgres(cluster.gateway, Path(_private_dir()), pg_user, pg_password, "mlflow"):
+        # outside pytest's root-only tmp tree: PostgreSQL runs as the `postgres` system user
+        with host_postgres(cluster.gateway, Path(tempfile.mkdtemp(prefix="unet-pg-")), pg_user, pg_password, "mlflow"):
             port = free_port()
             with served([str(Path(sys.executable).parent / "moto_server"), "-H", cluster.gateway, "-p", str(port)],
                         root, f"http://{cluster.gateway}:{port}", "/moto-api/", clean_env(), timeout=60) as s3:
@@ -183,30 +190,27 @@ def kit(image, tmp_path_factory, request):
             report(request, kit)
 
 
-def _private_dir() -> str:
-    """A folder outside pytest's root-only tmp tree, for the `postgres` system user."""
-    import tempfile
-
-    return tempfile.mkdtemp(prefix="unet-pg-")
-
-
-def report(request, kit: Kit) -> None:
-    """Each role's time from start to ready, in the test output (docs/cluster.md quotes them)."""
+def say(request, *lines: str) -> None:
+    """Lines in the test output even when it is captured (the measured times docs/cluster.md quotes)."""
     writer = request.config.pluginmanager.get_plugin("terminalreporter")
     capture = request.config.pluginmanager.get_plugin("capturemanager")
     if writer and capture:
         with capture.global_and_fixture_disabled():
-            writer.write_line("")
-            for role, seconds in kit.timings.items():
-                writer.write_line(f"image role {role}: {seconds:.1f} s")
+            for line in ("", *lines):
+                writer.write_line(line)
+
+
+def report(request, kit: Kit) -> None:
+    """Each role's time from start to ready (or done)."""
+    say(request, *(f"image role {role}: {seconds:.1f} s" for role, seconds in kit.timings.items()))
 
 
 # --------------------------------------------------------------------------------------------
 # Roles, in the order a user applies them
 # --------------------------------------------------------------------------------------------
 
-def run_job(kit: Kit, overlay: str, job: dict, *, extra_args: list[str] = (), cluster: PodmanCluster | None = None,
-            timeout: float = 600) -> float:
+def run_job(kit: Kit, overlay: str, job: dict, *, extra_args: list[str] | tuple = (),
+            cluster: PodmanCluster | None = None, timeout: float = 600) -> float:
     """A Job's pod: its init containers in order, then its container, each to exit 0."""
     cluster = cluster or kit.cluster
     spec = job["spec"]["template"]["spec"]
@@ -238,7 +242,7 @@ def s3_shards(kit, tmp_path_factory) -> dict[str, bytes]:
     job = find(objects, "Job", "unet-preprocess")
     maps = config_maps(objects)
     assert maps["unet-dist-env"]["AWS_ENDPOINT_URL"].startswith("https://"), "the s3 component names an endpoint"
-    maps["unet-dist-env"]["AWS_ENDPOINT_URL"] = kit.s3_endpoint  # what docs/storage.md says to set
+    maps["unet-dist-env"]["AWS_ENDPOINT_URL"] = kit.s3_endpoint  # what k8s/components/s3 tells a user to set
     raw = tmp_path_factory.mktemp("s3-claim")
     data_root = yaml.safe_load((REPO / "jobs" / "configs" / "cityscapes.yaml").read_text())["data"]["root"]
     target = raw / Path(data_root).relative_to("/mnt/shared")
@@ -261,7 +265,8 @@ def s3_client(kit: Kit):
 
     keys = kit.cluster.secrets["unet-dist-s3"]
     return boto3.client("s3", endpoint_url=kit.s3_endpoint, region_name="us-east-1",
-                        aws_access_key_id=keys["AWS_ACCESS_KEY_ID"], aws_secret_access_key=keys["AWS_SECRET_ACCESS_KEY"])
+                        aws_access_key_id=keys["AWS_ACCESS_KEY_ID"],
+                        aws_secret_access_key=keys["AWS_SECRET_ACCESS_KEY"])
 
 
 def start_deployment(kit: Kit, objects: list[dict], deployment: str, role: str) -> tuple[str, str]:
@@ -372,7 +377,8 @@ def ray_job(kit, ray_cluster) -> dict:
     status = podman("exec", "ray-head", "ray", "status", check=False).stdout
     for name in ("ray-head", "ray-worker"):  # done with Ray: its CPU goes to the next roles
         podman("stop", "--time", "10", name, check=False)
-    return {"proc": proc, "status": status, "run_name": yaml.safe_load((REPO / config.removeprefix("/app/")).read_text())["train"]["run_name"]}
+    run_name = yaml.safe_load((REPO / config.removeprefix("/app/")).read_text())["train"]["run_name"]
+    return {"proc": proc, "status": status, "run_name": run_name}
 
 
 @pytest.fixture(scope="module")
@@ -448,17 +454,18 @@ def test_preprocess_job_writes_shards_to_the_shared_volume(smoke_shards):
 
 def test_preprocess_job_of_the_s3_overlay_writes_shards_to_the_bucket(s3_shards):
     names = {k.rsplit("/", 1)[-1] for k in s3_shards}
-    assert "manifest.json" in names and any(n.startswith("train-") and n.endswith(".tar") for n in names), sorted(s3_shards)
+    assert "manifest.json" in names, sorted(s3_shards)
+    assert any(n.startswith("train-") and n.endswith(".tar") for n in names), sorted(s3_shards)
     assert all(k.startswith("shards/cityscapes/") for k in s3_shards)
 
 
 def test_mlflow_server_container_starts_with_basic_auth_on_postgresql(kit, mlflow_pod):
     assert kit.mlflow("/api/2.0/mlflow/experiments/search?max_results=1")[0] == 401
     assert kit.mlflow("/api/2.0/mlflow/experiments/search?max_results=1", auth=mlflow_pod["jobs"])[0] == 200
-    tables = subprocess.run(["runuser", "-u", "postgres", "--", "psql", "-h", kit.cluster.gateway, "-d", "mlflow", "-tAc",
-                             "select count(*) from users"], capture_output=True, text=True,
-                            env={**os.environ, "PGUSER": kit.cluster.secrets["mlflow-postgres"]["username"],
-                                 "PGPASSWORD": kit.cluster.secrets["mlflow-postgres"]["password"]})
+    secret = kit.cluster.secrets["mlflow-postgres"]
+    tables = subprocess.run(["psql", "-h", kit.cluster.gateway, "-d", "mlflow", "-tAc", "select count(*) from users"],
+                            capture_output=True, text=True,
+                            env={**os.environ, "PGUSER": secret["username"], "PGPASSWORD": secret["password"]})
     assert tables.returncode == 0 and int(tables.stdout) == 2, tables.stderr  # admin + jobs' user, in PostgreSQL
 
 
@@ -538,7 +545,7 @@ def test_every_probe_in_the_manifests_succeeds_inside_its_container(kit, mlflow_
             for _, spec in pod_specs(obj):
                 for c in containers(spec):
                     if "unet-dist" in c["image"]:
-                        expected |= {(c["name"], k) for k in ("startupProbe", "readinessProbe", "livenessProbe") if k in c}
+                        expected |= {(c["name"], k) for k in PROBES if k in c}
     assert expected <= {(name, kind) for name, kind, _, _ in kit.probes}, expected
     assert {n for n, *_ in kit.probes} >= {"ray-head", "ray-worker"}
 
@@ -591,6 +598,4 @@ def test_a_one_line_code_change_rebuilds_on_the_cached_dependency_layer(image, t
             "image", "inspect", "--format", "{{.Id}}", image).stdout, "the code change did not reach the image"
     finally:
         podman("rmi", tag, check=False)
-    writer = request.config.pluginmanager.get_plugin("terminalreporter")
-    with request.config.pluginmanager.get_plugin("capturemanager").global_and_fixture_disabled():
-        writer.write_line(f"\nimage rebuild after a one-line code change: {seconds:.1f} s")
+    say(request, f"image rebuild after a one-line code change: {seconds:.1f} s")
