@@ -434,6 +434,8 @@ def pytorchjob_run(kit, smoke_shards, mlflow_pod, torchrun_job) -> dict[str, tup
         kit.cluster.start(spec, c, name=name, ip=kit.cluster.address(IP[name]), env=env, args=[f"{script} {extra}"])
         kit.mark("cpu-smoke", job, c)
         names[role] = name
+        if role == "Master":  # a worker that finds no rendezvous store yet backs off, for up to 90 s here
+            kit.cluster.wait_until(name, kit.cluster.address(IP[name]), c, {"tcpSocket": {"port": port}}, timeout=300)
     results = {role: (kit.cluster.wait(name, timeout=900), kit.cluster.logs(name)) for role, name in names.items()}
     kit.timings["PyTorchJob master + worker (1 process each, to exit)"] = time.monotonic() - t0
     return results
