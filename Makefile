@@ -6,7 +6,18 @@ BIN := $(VENV)/bin
 # the slow tests mostly wait on process start-up, so 2 processes fit the 40-minute CI on 2 cores.
 TEST_PROCS ?= 2
 
-.PHONY: setup demo test test-fast bench clean
+# The container image (Dockerfile), built with podman: `make image`, `make image IMAGE=REGISTRY/unet-dist:TAG`.
+IMAGE ?= unet-dist:dev
+# podman settings for hosts like this project's machines and CI (scripts/containers.conf);
+# `make image PODMAN_CONF=` keeps the host's own.
+PODMAN_CONF ?= scripts/containers.conf
+PODMAN_ENV := $(if $(PODMAN_CONF),CONTAINERS_CONF=$(abspath $(PODMAN_CONF)))
+# A local wheel cache (the CPU torch wheel here) is mounted read-only at its own path during the
+# build, for a base image whose pip.conf names it (scripts/image_base.sh); absent, nothing is mounted.
+WHEELS ?= $(or $(PIP_FIND_LINKS),/opt/wheels)
+IMAGE_BUILD_ARGS ?=
+
+.PHONY: setup demo test test-fast test-image image image-base bench clean
 
 # Azurite (the Azure Storage emulator the tests run) comes from npm, into ./.emulators.
 AZURITE_VERSION ?= 3.37.0
@@ -29,10 +40,25 @@ demo: setup
 	$(BIN)/python -m unet_dist.demo $(ARGS)
 
 test: setup
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q -n $(TEST_PROCS) --dist loadfile --no-loadscope-reorder $(ARGS)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q -n $(TEST_PROCS) --dist loadfile --no-loadscope-reorder -m "not image" $(ARGS)
 
 test-fast: setup
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q -m "not slow" $(ARGS)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q -m "not slow and not image" $(ARGS)
+
+# Every container of k8s/ run in the built image with podman, as its pod runs it (tests/test_image.py).
+# Needs root, podman and the base image (on a machine without a registry: `make image-base`).
+test-image: setup image
+	PATH="$(abspath $(BIN)):$$PATH" UNET_IMAGE=$(IMAGE) $(PODMAN_ENV) \
+		$(BIN)/python -m pytest -q -m image $(ARGS)
+
+image:
+	$(PODMAN_ENV) podman build --network host $(if $(wildcard $(WHEELS)),--volume $(WHEELS):$(WHEELS):ro) \
+		$(IMAGE_BUILD_ARGS) -t $(IMAGE) .
+
+# A stand-in for the Dockerfile's base image made from Debian packages, for machines that reach no
+# container registry (CI). Does nothing when the base exists.
+image-base:
+	$(PODMAN_ENV) scripts/image_base.sh
 
 bench: setup
 	$(BIN)/python benchmarks/run_all.py $(ARGS)

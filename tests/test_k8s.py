@@ -523,6 +523,19 @@ def test_gpu_overlay_requests_gpus_and_cpu_smoke_requests_none():
     assert ray_gpus == trainjob_gpus == pt_gpus == workers, (ray_gpus, trainjob_gpus, pt_gpus, workers)
 
 
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_container_runs_the_image_that_the_image_component_names(overlay):
+    """One image for every role but PostgreSQL. A container added by a patch that runs after the
+    image component keeps a bare `unet-dist`, which a node would try to pull from Docker Hub."""
+    (entry,) = yaml.safe_load((K8S / "components" / "image" / "kustomization.yaml").read_text())["images"]
+    ours = f"{entry['newName']}:{entry['newTag']}"
+    for obj in deployment(overlay):
+        for _, spec in pod_specs(obj):
+            for c in containers(spec):
+                assert c["image"] == ours or c["image"].startswith("postgres:"), \
+                    f"{where(obj)}: container {c['name']} runs {c['image']}, not {ours}"
+
+
 def test_dockerfile_builds_a_non_root_image_with_pinned_dependencies():
     text = (REPO / "Dockerfile").read_text()
     base = re.search(r"^FROM\s+(\S+)", text, re.M).group(1)
