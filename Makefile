@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # the slow tests mostly wait on process start-up, so 2 processes fit the 40-minute CI on 2 cores.
 TEST_PROCS ?= 2
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench peers-setup bench-peers clean
 
 setup: $(VENV)/.installed
 
@@ -29,6 +29,27 @@ test-fast: setup
 
 bench: setup
 	$(BIN)/python benchmarks/run_all.py $(ARGS)
+
+# The peers benchmark's venv: torch 2.14.1 + torchvision + smp (benchmarks/peers/requirements.txt says
+# why), installed without dependencies over this project's venv, whose site-packages a .pth file
+# appends after its own (so its torch comes first and everything else is shared). CI makes it too:
+# tests/test_peers_smoke.py runs each peer in it.
+PEERS_VENV ?= .venv-peers
+
+peers-setup: $(PEERS_VENV)/.installed
+
+$(PEERS_VENV)/.installed: benchmarks/peers/requirements.txt $(VENV)/.installed
+	rm -rf $(PEERS_VENV)
+	$(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/pip install -q --no-deps -r benchmarks/peers/requirements.txt
+	$(PEERS_VENV)/bin/python -c 'import sys, sysconfig, pathlib; pathlib.Path(sysconfig.get_paths()["purelib"], "zz_unet_dist_venv.pth").write_text(f"import site; site.addsitedir({sys.argv[1]!r})\n")' \
+		"$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+	touch $@
+
+# Every peer against ours, alternating, on the demo data and at the Cityscapes size (~60 min on 2 quiet
+# cores; docs/performance.md). Not part of `make bench` or CI.
+bench-peers: peers-setup
+	$(PEERS_VENV)/bin/python benchmarks/bench_peers.py $(ARGS)
 
 clean:
 	rm -rf demo-work runs .pytest_cache
