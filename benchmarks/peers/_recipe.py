@@ -11,7 +11,9 @@ included, with one set of patterns.
 """
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -31,6 +33,15 @@ class Recipe:
     channels_last: bool
     clip: float
     dtype: torch.dtype | None  # autocast: bf16 on a GPU, None (fp32) on the CPU, as unet_dist decides
+
+
+def config_from_args(description: str):
+    """unet_dist's config from ``--config FILE`` and ``--set key=value`` (the same numbers as ours)."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--config", default=None)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    args = p.parse_args()
+    return U.load_config(args.config, args.set)
 
 
 def recipe(cfg, manifest: dict, device: torch.device) -> Recipe:
@@ -106,6 +117,12 @@ def evaluate(model: torch.nn.Module, batches, device: torch.device, dtype: torch
         dist.all_reduce(conf)
     model.train()
     return U.scores(conf)
+
+
+def save(r: Recipe, step: int, path: Path) -> None:
+    """The checkpoint a plain script writes: model, optimiser and schedule state."""
+    torch.save({"model": r.model.state_dict(), "optimizer": r.optimizer.state_dict(),
+                "scheduler": r.scheduler.state_dict(), "step": step}, path)
 
 
 def due(cfg, step: int) -> tuple[bool, bool]:

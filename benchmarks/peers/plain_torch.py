@@ -19,7 +19,6 @@ rank, the loader processes unet_dist starts), ``persistent_workers=True``, ``pin
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -111,11 +110,7 @@ def loader(ds: Dataset, sampler, batch_size: int, workers: int, device: torch.de
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default=None)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    args = p.parse_args()
-    cfg = U.load_config(args.config, args.set)
+    cfg = R.config_from_args(__doc__.split("\n\n")[0])
     t = cfg.train
     dist.init_process_group("nccl" if t.use_gpu else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -146,8 +141,7 @@ def main() -> None:
                 R.say(rank, f"step {step}: val mIoU {s['miou']:.4f}, pixel acc {s['pixel_acc']:.4f}")
             if save and rank == 0:
                 ckpt_dir.mkdir(parents=True, exist_ok=True)
-                torch.save({"model": r.model.state_dict(), "optimizer": r.optimizer.state_dict(),
-                            "scheduler": r.scheduler.state_dict(), "step": step}, ckpt_dir / f"step-{step}.pt")
+                R.save(r, step, ckpt_dir / f"step-{step}.pt")
             if step == t.steps:
                 break
         epoch += 1

@@ -17,7 +17,6 @@ Cityscapes config) are decoded whole by unet_dist's reader, then augmented like 
 """
 from __future__ import annotations
 
-import argparse
 import io
 import sys
 import tempfile
@@ -109,17 +108,12 @@ def _report(r: R.Recipe, step: int, rank: int) -> None:
         ray.train.report({"step": step}, checkpoint=None)
         return
     with tempfile.TemporaryDirectory() as tmp:
-        torch.save({"model": r.model.state_dict(), "optimizer": r.optimizer.state_dict(),
-                    "scheduler": r.scheduler.state_dict(), "step": step}, Path(tmp) / "checkpoint.pt")
+        R.save(r, step, Path(tmp) / "checkpoint.pt")
         ray.train.report({"step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default=None)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    args = p.parse_args()
-    cfg = U.load_config(args.config, args.set)
+    cfg = R.config_from_args(__doc__.split("\n\n")[0])
     t = cfg.train
 
     import ray
