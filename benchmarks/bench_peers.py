@@ -151,8 +151,9 @@ def command(case: str, encoder: str) -> list[str]:
             "smp.Unet": [*torchrun, str(PEERS / "smp_unet.py"), "--encoder", encoder]}[case]
 
 
-def launch(cmd: list[str], sets: list[str], timeout: float) -> dict:
-    """One training run; the arrival times of its start, logged-step and evaluation lines."""
+def launch(cmd: list[str], sets: list[str], timeout: float, expect: str = "") -> dict:
+    """One training run; the arrival times of its start, logged-step and evaluation lines. A run
+    whose output lacks ``expect`` fails."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "MLFLOW_"))}
     env.update(RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1", PYTHONPATH=str(C.REPO))
     args = [a for kv in sets for a in ("--set", kv)]
@@ -162,10 +163,12 @@ def launch(cmd: list[str], sets: list[str], timeout: float) -> dict:
     ready = logged = None
     evals: list[tuple[float, int, float]] = []
     tail: list[str] = []
+    seen = not expect
     try:
         for line in proc.stdout:
             now = time.perf_counter() - t0
             tail = (tail + [line])[-60:]
+            seen = seen or expect in line
             if ready is None and READY.search(line):
                 ready = now
             if logged is None and LOGGED.search(line):
@@ -181,8 +184,9 @@ def launch(cmd: list[str], sets: list[str], timeout: float) -> dict:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         raise
-    if proc.returncode or ready is None or not evals:
-        raise SystemExit(f"{' '.join(cmd)} failed (exit {proc.returncode}):\n{''.join(tail)}")
+    if proc.returncode or ready is None or not evals or not seen:
+        why = f"exit {proc.returncode}" if seen else f"no line {expect!r}"
+        raise SystemExit(f"{' '.join(cmd)} failed ({why}):\n{''.join(tail)}")
     return {"startup_s": ready, "first_logged_s": logged if logged is not None else math.nan, "evals": evals,
             "loop_s": evals[-1][0], "final": evals[-1][2], "steps": evals[-1][1], "wall_s": time.perf_counter() - t0}
 
@@ -419,7 +423,8 @@ def main() -> None:
                             f"train.run_name=r{r}-{case.replace(' ', '').replace(',', '-').replace('.', '')}",
                             f"mlflow.tracking_uri=sqlite:///{db}", "mlflow.log_model=false", "mlflow.registered_model=",
                             "mlflow.system_metrics=false", f"train.seed={r}", *steps]
-                    run = launch(command(case, encoder), sets, timeout=300 if args.quick else 1800)
+                    run = launch(command(case, encoder), sets, timeout=300 if args.quick else 1800,
+                                 expect=f"{smp_unet.BUILT} smp.Unet({encoder!r})" if case == "smp.Unet" else "")
                     runs[case].append(run)
                     print(f"  round {r + 1}, {case}: start-up {run['startup_s']:.1f} s, {run['steps']} steps in "
                           f"{run['loop_s']:.0f} s, final val mIoU {run['final']:.4f}, {TARGET} after "

@@ -9,13 +9,10 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-from pathlib import Path
-
 import pytest
 
-from conftest import clean_env, patient
+from conftest import REPO, clean_env, patient
 
-REPO = Path(__file__).resolve().parents[1]
 PEERS_PY = REPO / ".venv-peers" / "bin" / "python"
 PEERS = ("plain PyTorch", "Ray Data", "smp.Unet")
 
