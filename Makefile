@@ -17,7 +17,7 @@ PODMAN_ENV := $(if $(PODMAN_CONF),CONTAINERS_CONF=$(abspath $(PODMAN_CONF)))
 WHEELS ?= $(or $(PIP_FIND_LINKS),/opt/wheels)
 IMAGE_BUILD_ARGS ?=
 
-.PHONY: setup demo test test-fast test-image image image-base bench clean
+.PHONY: setup demo test test-fast test-image image image-base bench peers-setup bench-peers clean
 
 # Azurite (the Azure Storage emulator the tests run) comes from npm, into ./.emulators.
 AZURITE_VERSION ?= 3.37.0
@@ -62,6 +62,27 @@ image-base:
 
 bench: setup
 	$(BIN)/python benchmarks/run_all.py $(ARGS)
+
+# The peers benchmark's venv: torch 2.14.1 + torchvision + smp (benchmarks/peers/requirements.txt says
+# why), installed without dependencies over this project's venv, whose site-packages a .pth file
+# appends after its own (so its torch comes first and everything else is shared). CI makes it too:
+# tests/test_peers_smoke.py runs each peer in it.
+PEERS_VENV ?= .venv-peers
+
+peers-setup: $(PEERS_VENV)/.installed
+
+$(PEERS_VENV)/.installed: benchmarks/peers/requirements.txt $(VENV)/.installed
+	rm -rf $(PEERS_VENV)
+	$(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/pip install -q --no-deps -r benchmarks/peers/requirements.txt
+	$(PEERS_VENV)/bin/python -c 'import sys, sysconfig, pathlib; pathlib.Path(sysconfig.get_paths()["purelib"], "zz_unet_dist_venv.pth").write_text(f"import site; site.addsitedir({sys.argv[1]!r})\n")' \
+		"$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+	touch $@
+
+# Every peer against ours, alternating, on the demo data and at the Cityscapes size (~35-40 min on 2 quiet
+# cores; docs/performance.md). Not part of `make bench` or CI.
+bench-peers: peers-setup
+	$(PEERS_VENV)/bin/python benchmarks/bench_peers.py $(ARGS)
 
 clean:
 	rm -rf demo-work runs .pytest_cache
