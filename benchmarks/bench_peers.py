@@ -408,7 +408,8 @@ def main() -> None:
                 f"smp.Unet({name!r}){' (the peer)' if name == encoder else ''}"
             print(f"| {label} | {g:.2f} | {g / fl['ours'][0]:.2f} | {m:.2f} |")
         print()
-        steps = ["train.steps=3", "train.eval_every=3", "train.checkpoint_every=3", "train.log_every=1"] if args.quick \
+        steps = ["train.steps=3", "train.warmup_steps=0", "train.eval_every=3", "train.checkpoint_every=3",
+                 "train.log_every=1"] if args.quick \
             else [f"train.eval_every={args.eval_every}"]
         cases = [c for c in CASES if c in args.case or not args.case]
         runs: dict[str, list[dict]] = {case: [] for case in cases}

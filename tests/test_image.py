@@ -51,7 +51,7 @@ BUCKET = "unet-dist"  # the bucket k8s/components/s3 names
 IP = {"mlflow": 10, "ray-head": 11, "ray-worker": 12, "ray-job-submitter": 13, "serve": 14, "node": 15,
       "pytorch-master": 16, "pytorch-worker": 17, "synth": 20, "preprocess": 21, "preprocess-s3": 22}
 # Tiny runs: what the tests append to the kit's own commands (`--set`), and nothing else.
-TINY_TRAIN = ["train.steps=4", "train.eval_every=4", "train.checkpoint_every=2", "train.log_every=1"]
+TINY_TRAIN = ["train.steps=4", "train.warmup_steps=0", "train.eval_every=4", "train.checkpoint_every=2", "train.log_every=1"]
 TINY_CITYSCAPES = ["shards.processes=2", "shards.samples_per_shard=4"]
 # Containers of the kit that run the image and are not run here, and why.
 NOT_RUN = {
