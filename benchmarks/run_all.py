@@ -26,6 +26,7 @@ SCRIPTS = {  # name -> file, in the order of the data flow
     "train": "bench_train.py",
     "launchers": "bench_launchers.py",
     "serving": "bench_serving.py",
+    "tracking": "bench_tracking.py",
     "gpu": "gpu.py",
     # Long (minutes each, ~25 for demo) or needing root: run them by name with --only.
     "preempt": "bench_preempt.py",
@@ -33,7 +34,7 @@ SCRIPTS = {  # name -> file, in the order of the data flow
     "demo": "bench_demo.py",
     "multinode": "bench_multinode.py",
 }
-DEFAULT = ["synth", "preprocess", "loader", "sizing", "storage", "train", "launchers", "serving", "gpu"]
+DEFAULT = ["synth", "preprocess", "loader", "sizing", "storage", "train", "launchers", "serving", "tracking", "gpu"]
 
 
 def main() -> None:

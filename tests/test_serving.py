@@ -48,7 +48,7 @@ def photos() -> list[np.ndarray]:
     return [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in SIZES]
 
 
-def register(tracking_uri: str, name: str, padding: str) -> str:
+def register(tracking_uri: str, name: str, padding: str, spool_dir: Path) -> str:
     """Log a fresh tiny U-Net through the training path's logger; register it under ``name``."""
     from unet_dist.config import load_config
     from unet_dist.model import UNet
@@ -58,9 +58,9 @@ def register(tracking_uri: str, name: str, padding: str) -> str:
                              "mlflow.system_metrics=false", "model.width=2", "model.depth=3",
                              f"model.padding={padding}", "model.batch_norm=false"])
     run_id = start_run(cfg, resume_run_id=None, tags={"test": "serving"})
-    logger = RunLogger(cfg, run_id, resumed=False)
+    logger = RunLogger(cfg, run_id, resumed=False, spool_dir=str(spool_dir))
     logger.model(UNet.from_config(cfg.model), cfg, (32, 48))
-    logger.close()
+    assert logger.close().pending == 0
     return f"models:/{name}/1"
 
 
@@ -69,7 +69,7 @@ def served(request, mlflow_server, tmp_path_factory):
     """`mlflow models serve` of a registered model, plus `python -m unet_dist.predict` on the same photos."""
     padding = request.param
     tmp = tmp_path_factory.mktemp(f"serve-{padding}")
-    uri = register(mlflow_server, f"unet-serve-{padding}", padding)
+    uri = register(mlflow_server, f"unet-serve-{padding}", padding, tmp)
     port = free_port()
     env = clean_env(MLFLOW_TRACKING_URI=mlflow_server, UNET_SERVE_MAX_PIXELS=str(MAX_PIXELS))
     log = open(tmp / "serve.log", "w")

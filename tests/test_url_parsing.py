@@ -7,7 +7,7 @@ urlparse, ...), a string with ``://`` tested against or split out of a value (``
 
 Allowed, because they are MLflow's URIs, which MLflow resolves itself and which never name a
 storage location of ours:
-- tracking URIs, in ``unet_dist/tracking.py`` (is it a local store? where is the server's host and
+- tracking URIs, in ``unet_dist/tracking/__init__.py`` (is it a local store? where is the server's host and
   port for the reachability check?) and ``unet_dist/tracking_store.py`` (the default store, the
   config check of a configured URI), and nowhere else;
 - MLflow model URIs (``runs:/``, ``models:/``), wherever a model is loaded.
@@ -28,7 +28,7 @@ STRING_TESTS = {"startswith", "endswith", "partition", "rpartition", "split", "r
 SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 MLFLOW_MODEL_URIS = {"runs:/", "models:/"}
 TRACKING_URIS = {"http://", "https://", "sqlite:", "sqlite:///", "file:", "databricks", "://"}
-ALLOWED = {"tracking.py": TRACKING_URIS | {"urllib.parse", "urlsplit"}, "tracking_store.py": TRACKING_URIS}
+ALLOWED = {"tracking/__init__.py": TRACKING_URIS | {"urllib.parse", "urlsplit"}, "tracking_store.py": TRACKING_URIS}
 
 
 def _strings(node: ast.AST) -> list[str]:

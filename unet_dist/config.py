@@ -122,6 +122,7 @@ class MlflowConfig:
     log_model: bool = True  # log the final model (the serving pyfunc: weights, config, labels) to the run
     system_metrics: bool = True  # CPU/memory (and GPU when present) sampled by rank 0
     system_metrics_interval: Annotated[float, Gt(0)] = 10.0  # seconds between system metric samples
+    flush_timeout_s: Annotated[float, Ge(0)] = 60.0  # at the end of training, the longest wait for records still on their way to MLflow; the rest stays in <run_dir>/tracking_spool
 
 
 @dataclass

@@ -287,11 +287,11 @@ def finish(p: Parts, progress: Progress) -> RunSummary:
 def _close_run(p: Parts, progress: Progress, steps: int) -> tuple[str | None, dict]:
     """Rank 0: the model logged (a finished run that trained), the goodput report, the MLflow run
     closed; the model's URI and the report."""
-    cfg, status, uri = p.cfg, progress.status, None
+    cfg, status = p.cfg, progress.status
     if status == "finished" and cfg.mlflow.log_model and p.plan.run_id and progress.step > p.start_step:
-        uri = p.tracker.model(p.model, cfg, parts.example_hw(cfg, p.crop))
+        p.tracker.model(p.model, cfg, parts.example_hw(cfg, p.crop), checkpoint=progress.last_checkpoint)
     if status == preemption.STATUS:  # resumable: not FAILED
         p.tracker.tags({"unet_dist.status": status, "unet_dist.preempted_at_step": progress.step})
     goodput = p.observer.end(p.tracker, steps, status)
-    p.tracker.close({"finished": "FINISHED", preemption.STATUS: "KILLED"}.get(status, "FAILED"))
-    return uri, goodput
+    closed = p.tracker.close({"finished": "FINISHED", preemption.STATUS: "KILLED"}.get(status, "FAILED"))
+    return (closed.model_uri if closed else None), goodput

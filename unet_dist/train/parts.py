@@ -26,7 +26,7 @@ from unet_dist.losses import SegmentationLoss, class_weights
 from unet_dist import unet_geometry as geometry
 from unet_dist.model import UNet, margin
 from unet_dist.tracking import NullLogger, RunLogger
-from unet_dist.train import agree, preemption
+from unet_dist.train import agree, preemption, telemetry
 from unet_dist.train.context import Context
 from unet_dist.train.observer import Observer
 from unet_dist.train.plan import JobPlan
@@ -110,7 +110,10 @@ def build(cfg: Config, ctx: Context, plan: JobPlan, core: Trainable, start_step:
 def open_tracker(cfg: Config, ctx: Context, plan: JobPlan, start_step: int, global_batch: int,
                  device_type: str) -> RunLogger | NullLogger:
     """Rank 0's handle on the MLflow run (NullLogger elsewhere); a new run also logs what it starts from."""
-    tracker = RunLogger(cfg, plan.run_id, resumed=start_step > 0) if ctx.rank == 0 and plan.run_id else NullLogger()
+    tracker = NullLogger()
+    if ctx.rank == 0 and plan.run_id:
+        tracker = RunLogger(cfg, plan.run_id, resumed=start_step > 0, spool_dir=plan.run_dir,
+                            on_depth=lambda n: telemetry.current().set({"unet_tracking_spool_depth": n}))
     if start_step == 0:
         tags = {"launcher": ctx.launcher, "world_size": ctx.world_size, "device": device_type,
                 "global_batch": global_batch}

@@ -92,7 +92,7 @@ _current: list[Exporter] = [Exporter()]
 
 
 def current() -> Exporter:
-    """The exporter of this process: the tracking spool (issue 23) reports its depth here with
+    """The exporter of this process: the tracking writer reports its spool depth here with
     ``telemetry.current().set({"unet_tracking_spool_depth": n})``."""
     return _current[0]
 

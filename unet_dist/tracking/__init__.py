@@ -6,20 +6,24 @@ Steps already in the run's history are not logged again after a resume. The trac
 in the config by the job plan (``unet_dist.train.plan.locate``); a training job resolves it nowhere else.
 
 Training's MLflow calls all live here: the server check, the run (:func:`start_run`,
-:func:`mark_failed`) and :class:`RunLogger`, the one writer the loop logs through. MLflow is also
+:func:`mark_failed`) and :class:`RunLogger`, which the loop logs through and which never waits on the
+server (:mod:`.writer`, :mod:`.spool`, :mod:`.records`; ``python -m unet_dist.tracking sync``
+delivers what a job left spooled: :mod:`.sync`). MLflow is also
 called by :mod:`unet_dist.serving` (the model format: logging the pyfunc, loading ``runs:/`` and
 ``models:/``) and by :mod:`unet_dist.tune` (a sweep's parent run, its results table and pictures,
 registering the best trial's model).
 """
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
 import subprocess
+import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -28,7 +32,6 @@ from unet_dist.config import Config, dump_yaml, flatten
 from unet_dist.data import shards
 from unet_dist.errors import UnetDistError
 from unet_dist.scoring import format_table
-from unet_dist.serving import model_log
 
 log = logging.getLogger("unet_dist.tracking")
 
@@ -158,57 +161,63 @@ def mark_failed(tracking_uri: str, run_id: str | None) -> None:
         return
     from mlflow.tracking import MlflowClient
 
+    bounded_requests()  # a server that is down costs the failing job 30 s, not 4 minutes
     try:
         MlflowClient(tracking_uri).set_terminated(run_id, "FAILED")
     except Exception:  # the tracking server is unreachable: the job's own error matters more
         log.warning("could not mark MLflow run %s FAILED", run_id)
 
 
+def bounded_requests() -> None:
+    """MLflow's client retries a call that gets no answer for about 4 minutes (7 retries, 120 s
+    timeouts). A training process sends through :class:`~unet_dist.tracking.writer.Writer`, which waits
+    out an outage itself, so each call here gets one try of at most 30 s. Values set in the
+    environment are kept."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+
+
 class RunLogger:
     """Rank 0's handle on the job's MLflow run. Other ranks get :class:`NullLogger`.
 
     Its public methods (``metrics``, ``tags``, ``image``, ``artifact``, ``text``, ``run_inputs``,
-    ``evaluation``, ``model``, ``close``) are all the loop calls: the writer behind them is this
-    class's own business."""
+    ``evaluation``, ``model``, ``close``) are all the loop calls, and none of them waits on the
+    server: each hands a record to the writer thread (:mod:`unet_dist.tracking.writer`), which
+    delivers them in order and spools them under ``spool_dir`` while the server is away. Only
+    ``close`` waits, for at most ``mlflow.flush_timeout_s``."""
 
-    def __init__(self, cfg: Config, run_id: str, resumed: bool):
-        import mlflow
+    def __init__(self, cfg: Config, run_id: str, resumed: bool, spool_dir: str,
+                 on_depth: Callable[[int], None] | None = None):
+        from unet_dist.tracking.spool import FOLDER
+        from unet_dist.tracking.writer import Writer
 
-        self.mlflow = mlflow
-        mlflow.set_tracking_uri(pinned_uri(cfg))
-        if cfg.mlflow.system_metrics:
-            mlflow.set_system_metrics_sampling_interval(cfg.mlflow.system_metrics_interval)
-            mlflow.set_system_metrics_samples_before_logging(1)
-        self.run = mlflow.start_run(run_id=run_id, log_system_metrics=cfg.mlflow.system_metrics)
+        bounded_requests()
+        uri = pinned_uri(cfg)
         self.run_id = run_id
-        self._resumed = resumed
-        self._last_step: dict[str, int] = {}
-
-    def _already_logged(self, key: str) -> int:
-        if key not in self._last_step:
-            history = self.mlflow.tracking.MlflowClient().get_metric_history(self.run_id, key) if self._resumed else []
-            self._last_step[key] = max((m.step for m in history), default=-1)
-        return self._last_step[key]
+        self._cfg = cfg
+        self._writer = Writer(uri, run_id, storage.location(spool_dir) / FOLDER, resumed=resumed, on_depth=on_depth)
+        self._step = 0
+        self._sampler = SystemSampler(self, cfg.mlflow.system_metrics_interval) if cfg.mlflow.system_metrics else None
 
     def metrics(self, values: dict[str, float], step: int) -> None:
-        fresh = {k: float(v) for k, v in values.items()
-                 if np.isfinite(v) and step > self._already_logged(k)}
+        fresh = {k: float(v) for k, v in values.items() if np.isfinite(v)}
         if fresh:
-            self.mlflow.log_metrics(fresh, step=step)
-            for k in fresh:
-                self._last_step[k] = step
+            self._writer.put("metrics", step=step, ts=int(time.time() * 1000), values=fresh)
+        self._step = max(self._step, step)
 
     def tags(self, tags: dict[str, Any]) -> None:
-        self.mlflow.set_tags({k: str(v) for k, v in tags.items()})
+        self._writer.put("tags", tags={k: str(v) for k, v in tags.items()})
 
     def image(self, image, artifact_file: str) -> None:
-        self.mlflow.log_image(image, artifact_file=artifact_file)
+        """A picture (PIL image), or a function that draws one: drawn and encoded by the writer."""
+        self._writer.put("file", path=artifact_file, render=image if callable(image) else lambda: image)
 
     def artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self.mlflow.log_artifact(str(path), artifact_path=artifact_path)
+        data = base64.b64encode(Path(path).read_bytes()).decode()  # read now: the file may be temporary
+        self._writer.put("file", path="/".join(p for p in (artifact_path, Path(path).name) if p), b64=data)
 
     def text(self, text: str, artifact_file: str) -> None:
-        self.mlflow.log_text(text, artifact_file)
+        self._writer.put("file", path=artifact_file, text=text)
 
     def run_inputs(self, cfg: Config, tags: dict[str, Any], manifest: str, manifest_sha256: str) -> None:
         """What a new run starts from: tags, the shards manifest (its text and digest, as the job plan
@@ -222,26 +231,66 @@ class RunLogger:
         if quantizer.exists():
             text = quantizer.read_text()
             self.text(text, f"data/{shards.QUANTIZER}")
-            self.image(viz.quantizer_picture(json.loads(text)), "data/kmeans_clusters.png")
+            self.image(lambda: viz.quantizer_picture(json.loads(text)), "data/kmeans_clusters.png")
         self.text(dump_yaml(cfg), "config.yaml")
 
     def evaluation(self, result: dict, step: int) -> None:
-        """Val scores at ``step`` and the pictures that explain them: example predictions, confusion."""
+        """Val scores at ``step`` and the pictures that explain them (example predictions, confusion),
+        drawn by the writer."""
         s = result["scores"]
         self.metrics({"val/miou": s["miou"], "val/pixel_acc": s["pixel_acc"], "val/mean_acc": s["mean_acc"],
                       **{f"val_iou/{n}": v for n, v in zip(labels.CLASS_NAMES, s["iou"])}}, step)
         tag = f"step_{step:07d}"
-        ex = result["examples"]
+        ex, confusion = result["examples"], result["confusion"]
         if ex:
-            self.image(viz.prediction_grid(ex["images"], ex["labels"], ex["preds"]), f"eval/predictions_{tag}.png")
-        self.image(viz.confusion_heatmap(result["confusion"], labels.CLASS_NAMES), f"eval/confusion_{tag}.png")
+            self.image(lambda: viz.prediction_grid(ex["images"], ex["labels"], ex["preds"]), f"eval/predictions_{tag}.png")
+        self.image(lambda: viz.confusion_heatmap(confusion, labels.CLASS_NAMES), f"eval/confusion_{tag}.png")
 
-    def model(self, model, cfg: Config, example_hw: tuple[int, int]) -> str | None:
-        """Log and register the serving pyfunc (photos in, masks out); ``example_hw`` sizes its input example."""
-        return model_log.log_model(model.eval().cpu(), cfg, example_hw, cfg.mlflow.registered_model or None)
+    def model(self, model, cfg: Config, example_hw: tuple[int, int], checkpoint: str | None = None) -> None:
+        """Log and register the serving pyfunc (photos in, masks out) when the writer reaches it;
+        ``example_hw`` sizes its input example, ``checkpoint`` holds the same weights for a replay
+        from the spool. Its URI is in :meth:`close`'s result."""
+        from unet_dist.tracking.records import LIVE
 
-    def close(self, status: str = "FINISHED") -> None:
-        self.mlflow.end_run(status=status)
+        self._writer.put("model", checkpoint=checkpoint, example_hw=list(example_hw),
+                         registered=cfg.mlflow.registered_model or None, **{LIVE: (model.eval().cpu(), cfg)})
+
+    def close(self, status: str = "FINISHED"):
+        """The final status, after every record before it; waits at most ``mlflow.flush_timeout_s``
+        and returns :class:`~unet_dist.tracking.writer.Closed` (undelivered records stay spooled)."""
+        if self._sampler is not None:
+            self._sampler.stop()
+        return self._writer.close(status, self._cfg.mlflow.flush_timeout_s)
+
+
+class SystemSampler:
+    """CPU, memory, disk, network (and GPU) samples every ``interval`` s, through the same writer, so
+    an outage loses none either. The samples come from MLflow's own collectors; each is logged at
+    the training step it was taken at (``system/...`` keys)."""
+
+    def __init__(self, logger: RunLogger, interval: float):
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self._monitor = SystemMetricsMonitor(logger.run_id, sampling_interval=interval, tracking_uri="")
+        self._logger, self._interval = logger, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="unet-system-metrics", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                self._monitor.collect_metrics()
+                values = self._monitor.aggregate_metrics()
+                for collector in self._monitor.monitors:
+                    collector.clear_metrics()
+            except Exception as e:  # noqa: BLE001 - a sensor that fails ends the sampling, never the run
+                log.warning("system metrics: sampling stopped: %s", e)
+                return
+            self._logger.metrics({f"system/{k}": v for k, v in values.items()}, self._logger._step)
+
+    def stop(self) -> None:
+        self._stop.set()
 
 
 class NullLogger:
