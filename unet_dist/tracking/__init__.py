@@ -181,10 +181,11 @@ class RunLogger:
     """Rank 0's handle on the job's MLflow run. Other ranks get :class:`NullLogger`.
 
     Its public methods (``metrics``, ``tags``, ``image``, ``artifact``, ``text``, ``run_inputs``,
-    ``evaluation``, ``model``, ``close``) are all the loop calls, and none of them waits on the
-    server: each hands a record to the writer thread (:mod:`unet_dist.tracking.writer`), which
-    delivers them in order and spools them under ``spool_dir`` while the server is away. Only
-    ``close`` waits, for at most ``mlflow.flush_timeout_s``."""
+    ``evaluation``, ``model``, ``persist``, ``close``) are all the loop calls, and none of them
+    waits on an absent server: each hands a record to the writer thread
+    (:mod:`unet_dist.tracking.writer`), which delivers them in order and spools them under
+    ``spool_dir`` while the server is away. ``persist`` (at a checkpoint) waits for delivery while
+    the server answers, or spools; ``close`` waits for at most ``mlflow.flush_timeout_s``."""
 
     def __init__(self, cfg: Config, run_id: str, resumed: bool, spool_dir: str,
                  on_depth: Callable[[int], None] | None = None):
@@ -254,6 +255,11 @@ class RunLogger:
 
         self._writer.put("model", checkpoint=checkpoint, example_hw=list(example_hw),
                          registered=cfg.mlflow.registered_model or None, **{LIVE: (model.eval().cpu(), cfg)})
+
+    def persist(self) -> None:
+        """Every record so far delivered or spooled (the loop calls it before a checkpoint is
+        published: what a checkpoint covers is never lost with the process)."""
+        self._writer.persist()
 
     def close(self, status: str = "FINISHED"):
         """The final status, after every record before it; waits at most ``mlflow.flush_timeout_s``

@@ -24,6 +24,7 @@ from unet_dist.tracking.records import Delivery
 log = logging.getLogger("unet_dist.tracking")
 
 BATCH_S = 1.0  # records sent together at most this often: one request a second, not one a step
+PERSIST_S = 10.0  # at a checkpoint, the longest wait for delivery before the rest is spooled
 MAX_PAUSE_S = 30.0  # the longest wait between two attempts while the server is away
 SPOOL_TAG = "unet_dist.tracking_spool"
 
@@ -49,10 +50,13 @@ class Writer:
         self._seq = itertools.count(self._spooled + 1)
         self._spool_left = bool(earlier)  # segments remain that delivered records may empty
         self._delivery = Delivery(uri, run_id, check_history=resumed or bool(earlier))
-        self._on_depth = on_depth or (lambda n: None)
+        self._report_depth = on_depth or (lambda n: None)
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
+        self._numbering = threading.Lock()
         self._closing = threading.Event()
+        self._wake = threading.Event()  # send now: a checkpoint or the close asks
+        self._last_seq = self._taken = self._spooled  # the newest record numbered, and taken off the queue
         self._halted = threading.Event()  # set with _stopped
         self._stopped = False  # set by close() when its wait ran out: the thread leaves everything as is
         self._down_since: float | None = None
@@ -63,14 +67,37 @@ class Writer:
 
     # ------------------------------------------------------------------ the training thread's side
     def put(self, kind: str, **fields) -> None:
-        """Enqueue a record; never blocks."""
-        self._queue.put({"seq": next(self._seq), "kind": kind, **fields})
+        """Enqueue a record; never waits on the server. The numbering lock keeps the queue in ``seq``
+        order when two threads log (the loop and the system-metrics sampler)."""
+        with self._numbering:
+            self._last_seq = next(self._seq)
+            self._queue.put({"seq": self._last_seq, "kind": kind, **fields})
+
+    def persist(self, timeout_s: float = PERSIST_S) -> None:
+        """Return once every record logged so far is delivered or in the spool: a checkpoint calls
+        this before it is published, so a crash after it (a killed worker, a stopped trial) loses
+        none of the records before it. While the server is known to be away it spools at once;
+        otherwise it waits up to ``timeout_s`` for delivery, then spools the rest."""
+        target = self._last_seq
+        deadline = time.monotonic() + (0.0 if self._down_since is not None else timeout_s)
+        while True:
+            with self._lock:
+                if self._taken >= target and (not self._pending or self._pending[0]["seq"] > target
+                                              or target <= self._spooled):
+                    return
+                if time.monotonic() >= deadline:
+                    self._take_all()
+                    self._spool_new()
+                    return
+            self._wake.set()
+            time.sleep(0.005)
 
     def close(self, status: str, timeout_s: float) -> Closed:
         """The final status as the last record, then wait up to ``timeout_s`` for delivery; the
         rest is spooled."""
         self.put("end", status=status)
         self._closing.set()
+        self._wake.set()
         self._thread.join(timeout_s)
         with self._lock:
             self._stopped = True
@@ -93,7 +120,9 @@ class Writer:
         pause = 0.0
         while True:
             if self._down_since is None:
-                self._closing.wait(BATCH_S)  # records gather into one request; close sends at once
+                self._wake.wait(BATCH_S)  # records gather into one request; a checkpoint or close sends at once
+                if not self._closing.is_set():
+                    self._wake.clear()
             else:
                 self._halted.wait(pause)  # the server is away: wait, even while closing
             if self._stopped:
@@ -112,6 +141,7 @@ class Writer:
             except queue.Empty:
                 return
             self._pending.append(records.prepare(rec))
+            self._taken = rec["seq"]
 
     def _deliver(self, pause: float) -> float:
         """Send what is pending, in order; the pause before the next attempt."""
@@ -147,6 +177,12 @@ class Writer:
                     self._spool_new()
                 self._on_depth(len(self._pending))
             return min(max(2 * pause, 1.0), MAX_PAUSE_S)
+
+    def _on_depth(self, n: int) -> None:
+        try:
+            self._report_depth(n)
+        except Exception as e:  # noqa: BLE001 - a metrics exporter's fault must never drop a record
+            log.warning("tracking: the spool depth was not exported: %s", e)
 
     def _spool_new(self) -> None:
         """Write the pending records that are not in the spool yet (caller holds the lock)."""

@@ -247,6 +247,7 @@ def save(p: Parts, progress: Progress, step: int, metrics: dict) -> None:
     writer replaces this body, not its callers."""
     ctx = p.ctx
     with p.observer.timed("checkpoint"):
+        p.tracker.persist()  # rank 0: the records this checkpoint covers are delivered or spooled
         ranks = rank_state.gather_rank_states(p.model, ctx.world_size)
         if ctx.rank != 0:
             ctx.report(metrics, None)
