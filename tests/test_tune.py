@@ -33,7 +33,9 @@ SWEEP = {
     "asha": {"enabled": True, "grace_period": 4, "reduction_factor": 2},
     "resources": {"workers": 1, "cpus_per_worker": 1},
 }
-STEPS = 12
+# Enough steps after ASHA's first rungs (4, 8) that its stop reaches a weak trial while it trains:
+# with 12, a trial whose steps are fast (the loop never waits on MLflow) could finish first.
+STEPS = 24
 
 
 def write_sweep(path: Path, **changes) -> Path:
@@ -251,7 +253,7 @@ def test_killed_sweep_driver_resumes_without_rerunning_finished_trials(small_sha
     assert len(summary["trials"]) == 3 and all(r["status"] != "error" for r in summary["trials"])
     # The finished trial was not trained again; a cut one went on from its checkpoint. (The kill can
     # land after ASHA stopped the second trial at its rung: then no trial needs to resume.)
-    starts = re.findall(r"training 12 steps from step (\d+):", text)
+    starts = re.findall(rf"training {STEPS} steps from step (\d+):", text)
     assert starts.count("0") <= 1, text[-4000:]
     for step in (s for s in starts if s != "0"):
         assert re.search(rf"resumed from .*checkpoint_step-\d+ at step {step}", text), text[-4000:]
