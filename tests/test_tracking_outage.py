@@ -3,8 +3,9 @@
 Real jobs, both launchers at once (torchrun with 2 ranks, and Ray Train with 2 workers), log every
 step to a real `mlflow server`, which is then taken away for 90 s: killed and restarted on the same
 store, or frozen with SIGSTOP (it takes connections and never answers) and thawed. The jobs must
-step through the outage at no less than 0.9x their rate before it, exit 0, and leave a FINISHED
-run holding every step's loss once and the registered model.
+step through the outage at no less than 0.9x their step rate before it (the two together; each at
+0.8x of its own, as they share the cores), exit 0, and leave a FINISHED run holding every step's
+loss once and the registered model.
 
 The step rates are read back from the run itself (each step's ``train/loss`` carries the time rank 0
 logged it). They are ratios of two windows of the same jobs, so these tests run alone (``-m alone``
@@ -26,8 +27,9 @@ from mlflow.tracking import MlflowClient
 from conftest import BIN, clean_env, free_port, patient, run
 
 OUTAGE_S = 90
-BEFORE_S = 15  # the window before the fault the rates are compared with
-STEPS = 1800  # enough to keep stepping well into the outage on a fast machine (~40 steps/s)
+SETTLE_S = 15  # after both jobs reach step 10, before the window below: both at their steady rate
+BEFORE_S = 30  # the window before the fault the rates are compared with
+STEPS = 4000  # enough to keep stepping well into the outage on a fast machine (~45 steps/s)
 JOB = ["model.width=4", "model.depth=3", "train.crop=[32,32]", "train.batch_size=2", "train.loader_workers=0",
        "train.eval_every=0", "train.log_every=1", "train.warmup_steps=0", "train.workers=2",
        "mlflow.system_metrics=false", "mlflow.log_model=true"]
@@ -153,7 +155,7 @@ def test_jobs_train_through_a_tracking_outage_and_lose_no_metric(fault, server, 
             for launcher, name in names.items()}
     for j in jobs.values():
         j.wait_step(10, patient(300))
-    time.sleep(BEFORE_S)
+    time.sleep(SETTLE_S + BEFORE_S)
     t_fault = time.time()
     if fault == "killed":
         server.signal(signal.SIGKILL)
@@ -172,6 +174,7 @@ def test_jobs_train_through_a_tracking_outage_and_lose_no_metric(fault, server, 
         j.finish(patient(900))
 
     client = MlflowClient(server.url)
+    rates = {}
     for launcher, name in names.items():
         run_ = the_run(client, name)
         times = step_times(client, run_.info.run_id)
@@ -179,12 +182,18 @@ def test_jobs_train_through_a_tracking_outage_and_lose_no_metric(fault, server, 
         assert run_.info.status == "FINISHED", launcher
         assert client.get_registered_model(name).latest_versions, f"{launcher}: no registered model"
         assert stepped[launcher] > 0, f"{launcher}: no step during the outage"
-        before = rate(times, t_fault - BEFORE_S, t_fault)
-        during = rate(times, t_fault, t_back)
-        print(f"{fault} {launcher}: {before:.1f} steps/s before, {during:.1f} during ({during / before:.2f}x)")
-        assert during >= 0.9 * before, f"{launcher}: {during:.1f} steps/s during the outage, {before:.1f} before"
-        assert "tracking_spool" not in os.listdir(tmp_path / "ckpt" / name) or \
-            not os.listdir(tmp_path / "ckpt" / name / "tracking_spool"), f"{launcher}: records left in the spool"
+        left = tmp_path / "ckpt" / name / "tracking_spool"
+        assert left.is_dir() and not os.listdir(left), f"{launcher}: no spool during the outage, or records left in it"
+        rates[launcher] = rate(times, t_fault - BEFORE_S, t_fault), rate(times, t_fault, t_back)
+        print(f"{fault} {launcher}: {rates[launcher][0]:.1f} steps/s before, {rates[launcher][1]:.1f} during "
+              f"({rates[launcher][1] / rates[launcher][0]:.2f}x)")
+    # The two jobs share 2 cores: when the server stops taking CPU, one job may gain more of it than
+    # the other, so the machine's step rate (both jobs together) carries the 0.9x bar, and each job
+    # must keep at least 0.8x of its own.
+    before, during = (sum(r[i] for r in rates.values()) for i in (0, 1))
+    print(f"{fault} both: {before:.1f} steps/s before, {during:.1f} during ({during / before:.2f}x)")
+    assert during >= 0.9 * before, f"{during:.1f} steps/s during the outage, {before:.1f} before: {rates}"
+    assert all(d >= 0.8 * b for b, d in rates.values()), rates
 
 
 @pytest.mark.slow
