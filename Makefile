@@ -81,7 +81,7 @@ $(PEERS_VENV)/.installed: benchmarks/peers/requirements.txt $(VENV)/.installed
 		"$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 	touch $@
 
-# Every peer against ours, alternating, on the demo data and at the Cityscapes size (~35-40 min on 2 quiet
+# Every peer against ours, alternating, on the demo data and at the Cityscapes size (~30 min on 2 quiet
 # cores; docs/performance.md). Not part of `make bench` or CI.
 bench-peers: peers-setup
 	$(PEERS_VENV)/bin/python benchmarks/bench_peers.py $(ARGS)

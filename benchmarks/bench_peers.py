@@ -104,7 +104,7 @@ def city_data(cache: Path, n: int, size: tuple[int, int]) -> tuple[Path, dict[st
         for kind, d in out.items():
             preprocess.run(load_config(C.REPO / "jobs/configs/cityscapes.yaml", [
                 f"data.root={root}", f"shards.dir={d}", "shards.processes=0", f"shards.samples_per_shard={n}",
-                *(["shards.photo_encoding=source"] if kind == "png" else [])]))
+                *(["shards.photo_encoding=source", "shards.photo_tile=null"] if kind == "png" else [])]))
         print(f"(generated {n} + 2 scenes at {size[0]}x{size[1]} and their shards in {time.perf_counter() - t0:.0f} s)",
               flush=True)
     return root, out

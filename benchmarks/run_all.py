@@ -27,6 +27,7 @@ SCRIPTS = {  # name -> file, in the order of the data flow
     "launchers": "bench_launchers.py",
     "serving": "bench_serving.py",
     "tracking": "bench_tracking.py",
+    "onnx": "bench_onnx.py",
     "gpu": "gpu.py",
     # Long (minutes each, ~25 for demo) or needing root: run them by name with --only.
     "preempt": "bench_preempt.py",

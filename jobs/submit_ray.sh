@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Submit training (or, with MODULE=preprocess, preprocessing) to a running Ray cluster.
+# Submit training (or, with MODULE=preprocess, preprocessing; MODULE=batch_predict, batch prediction)
+# to a running Ray cluster.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -16,6 +17,7 @@ Options:
   --submission-id ID   job id (default: \$SUBMISSION_ID or unet-\$MODULE-<timestamp>)
   -h, --help           show this help
   KEY=VALUE            passed on as --set KEY=VALUE (e.g. train.steps=2000)
+  ARG...               for a module without a config (batch_predict): its own arguments, as they are
 
 Environment (default):
   RAY_ADDRESS          job server (http://127.0.0.1:8265)
@@ -56,7 +58,15 @@ while (($#)); do
         *) break ;;
     esac
 done
-to_set_args "$@"
+# Modules that take a config get --config and --set; others (batch_predict) their own arguments.
+CONFIGURED=0
+case "$MODULE" in train | preprocess | tune | demo) CONFIGURED=1 ;; esac
+if ((CONFIGURED)); then
+    to_set_args "$@"
+    ENTRY_ARGS=(--config "$CONFIG" "${SET_ARGS[@]}")
+else
+    ENTRY_ARGS=("$@")
+fi
 
 check_dry_run
 [[ "$MODULE" =~ ^[a-z_]+$ ]] || die "MODULE=$MODULE: expected a module name such as train or preprocess"
@@ -70,7 +80,7 @@ check_dry_run
 check_program PYTHON
 [[ -f "$RUNTIME_ENV" ]] || die "RUNTIME_ENV=$RUNTIME_ENV: file not found"
 # A relative config travels inside the uploaded working directory, so it must exist in this repo.
-if [[ "$CONFIG" != /* && ! -f "$UNET_REPO_ROOT/$CONFIG" ]]; then
+if ((CONFIGURED)) && [[ "$CONFIG" != /* && ! -f "$UNET_REPO_ROOT/$CONFIG" ]]; then
     die "CONFIG=$CONFIG: not found under $UNET_REPO_ROOT (give a repository-relative path, or an absolute path on the cluster)"
 fi
 SUBMISSION_ID="${SUBMISSION_ID:-unet-$MODULE-$(date -u +%Y%m%d-%H%M%S)}"
@@ -96,7 +106,7 @@ SUBMIT=(ray job submit --address "$ADDRESS" --submission-id "$SUBMISSION_ID"
 [[ -n "${ENTRYPOINT_NUM_CPUS:-}" ]] && SUBMIT+=(--entrypoint-num-cpus "$ENTRYPOINT_NUM_CPUS")
 [[ -n "${ENTRYPOINT_NUM_GPUS:-}" ]] && SUBMIT+=(--entrypoint-num-gpus "$ENTRYPOINT_NUM_GPUS")
 ((WAIT)) || SUBMIT+=(--no-wait)
-SUBMIT+=(-- python -m "unet_dist.$MODULE" --config "$CONFIG" "${SET_ARGS[@]}")
+SUBMIT+=(-- python -m "unet_dist.$MODULE" "${ENTRY_ARGS[@]}")
 
 if [[ "${DRY_RUN:-0}" != "1" ]]; then
     # A refused token or an unreachable head: one line, before anything is uploaded.

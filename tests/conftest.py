@@ -155,7 +155,11 @@ def local_ray_head(env: dict, cwd: Path, extra: tuple[str, ...] = ()):
     import tempfile
 
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit AF_UNIX
-    port, dash, agent, client = (free_port() for _ in range(4))
+    ports: list[int] = []
+    while len(ports) < 4:  # a port the OS just freed can come back at once: four different ones
+        if (p := free_port()) not in ports:
+            ports.append(p)
+    port, dash, agent, client = ports
     cmd = [str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--dashboard-agent-listen-port", str(agent),
            "--ray-client-server-port", str(client), "--num-cpus", "2", "--disable-usage-stats", f"--temp-dir={temp}",

@@ -9,7 +9,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = ["bench_synth.py", "bench_preprocess.py", "bench_loader.py", "loader_sizing.py", "bench_storage.py", "bench_train.py",
-           "bench_launchers.py", "gpu.py"]
+           "bench_launchers.py", "bench_onnx.py", "gpu.py"]
 
 
 @pytest.fixture(scope="module")

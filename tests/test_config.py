@@ -84,7 +84,8 @@ def test_configuration_doc_gives_every_key_its_default_and_a_meaning():
 ENTRY_POINTS = {"preprocess": ("unet_dist.preprocess.cli", True), "train": ("unet_dist.train.cli", True),
                 "demo": ("unet_dist.demo", True), "evaluate": ("unet_dist.evaluate", False),
                 "predict": ("unet_dist.predict", False), "synth": ("unet_dist.synth.cli", False),
-                "tune": ("unet_dist.tune", True)}
+                "tune": ("unet_dist.tune", True), "batch_predict": ("unet_dist.batch_predict", False),
+                "export": ("unet_dist.export", False)}
 
 
 @pytest.mark.parametrize("name", ENTRY_POINTS)
@@ -209,7 +210,7 @@ def test_every_console_script_runs_its_help():
     import tomllib
 
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
-    assert set(scripts) == {f"unet-{n}" for n in ENTRY_POINTS}
+    assert set(scripts) == {f"unet-{n.replace('_', '-')}" for n in ENTRY_POINTS}
     for name, target in scripts.items():
         path = shutil.which(name, path=str(Path(sys.executable).parent))
         assert path, f"{name} is not installed next to {sys.executable}: run make setup"

@@ -57,6 +57,8 @@ TINY_CITYSCAPES = ["shards.processes=2", "shards.samples_per_shard=4"]
 NOT_RUN = {
     ("cpu-smoke", "RayJob/unet-tune-ray"):
         "the training RayJob's cluster (tests/test_k8s.py checks they are equal), entrypoint unet_dist.tune",
+    ("cpu-smoke", "RayJob/unet-batch-predict-ray"):
+        "the training RayJob's cluster, entrypoint unet_dist.batch_predict (on a Ray head: tests/test_batch_predict.py)",
 }
 # Of the s3 overlay, the role that differs most; its other pods differ only in --set paths.
 S3_OVERLAY_RUNS = {"Job/unet-preprocess"}
@@ -556,7 +558,7 @@ def test_every_container_of_the_kit_that_runs_the_image_was_run_in_it(kit, smoke
                                                                        serve_pod, torchrun_job, pytorchjob_run):
     everything = set()
     for overlay in ("cpu-smoke", "s3"):
-        for app in (None, "ray", "trainjob", "pytorchjob", "serve", *(("tune",) if overlay == "cpu-smoke" else ())):
+        for app in (None, "ray", "trainjob", "pytorchjob", "serve", "batch", *(("tune",) if overlay == "cpu-smoke" else ())):
             for obj in overlay_objects(overlay, app):
                 for _, spec in pod_specs(obj):
                     everything |= {(overlay, f"{obj['kind']}/{obj['metadata']['name']}", c["name"])

@@ -83,13 +83,15 @@ LAYERS = [
      "unet_dist.storage", "unet_dist.distributed", "unet_dist.cli", "unet_dist.constraints", "unet_dist.strict_yaml",
      "unet_dist.unet_geometry", "unet_dist.devices", "unet_dist.ray_address", "unet_dist.tracking_store",
      "unet_dist.model_source"],
-    ["unet_dist.data", "unet_dist.synth", "unet_dist.preprocess", "unet_dist.metrics", "unet_dist.viz", "unet_dist.losses"],
+    ["unet_dist.data", "unet_dist.synth", "unet_dist.preprocess", "unet_dist.metrics", "unet_dist.viz", "unet_dist.losses",
+     "unet_dist.mask_files", "unet_dist.photo_files"],
     ["unet_dist.checkpoint"],  # checkpoint file I/O
-    ["unet_dist.model", "unet_dist.segment", "unet_dist.scoring"],
+    ["unet_dist.model", "unet_dist.segment", "unet_dist.scoring", "unet_dist.onnx_model"],
     ["unet_dist.serving", "unet_dist.serve"],
     ["unet_dist.tracking"],
-    ["unet_dist.train", "unet_dist.sweep", "unet_dist.tune"],
-    ["unet_dist.evaluate", "unet_dist.predict", "unet_dist.demo", "unet_dist.train.cli", "unet_dist.train.__main__",
+    ["unet_dist.train", "unet_dist.sweep", "unet_dist.tune", "unet_dist.batch"],  # batch: Ray Data, the launcher's Ray
+    ["unet_dist.evaluate", "unet_dist.predict", "unet_dist.batch_predict", "unet_dist.export", "unet_dist.demo",
+     "unet_dist.train.cli", "unet_dist.train.__main__",
      "unet_dist.synth.cli", "unet_dist.synth.__main__"],
 ]
 

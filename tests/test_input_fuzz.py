@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Cases per property: their sum is the number docs/configuration.md states.
 EXAMPLES = {"wrong_value": 500, "broken_rule": 200, "right_value": 300, "unknown_key": 100, "config_file": 200,
             "arguments": 150, "right_arguments": 40}
-ENTRY_POINTS = ("train", "preprocess", "demo", "tune", "evaluate", "predict", "synth")
+ENTRY_POINTS = ("train", "preprocess", "demo", "tune", "evaluate", "predict", "synth", "batch_predict", "export")
 PER_ENTRY_POINT = ("arguments", "right_arguments")
 TOTAL = sum(n * (len(ENTRY_POINTS) if k in PER_ENTRY_POINT else 1) for k, n in EXAMPLES.items())
 
@@ -65,6 +65,8 @@ ENTRIES = {
     "evaluate": Entry("unet_dist.evaluate", ("evaluate",)),
     "predict": Entry("unet_dist.predict", ("predict",)),
     "synth": Entry("unet_dist.synth.cli", ("synth",)),
+    "batch_predict": Entry("unet_dist.batch_predict", ("batch_predict",)),
+    "export": Entry("unet_dist.export", ("export",)),
 }
 
 
@@ -460,6 +462,17 @@ def right_command_lines(name: str, places: dict[str, Path]) -> st.SearchStrategy
         "synth": ([("--out", st.just(p["root"] + "/synth"))],
                   [("--layout", st.just("pairs")), ("--train", natural), ("--val", natural), ("--seed", natural),
                    ("--processes", natural)]),
+        "batch_predict": ([("--model", st.just(p["ckpt"])),
+                           ("--input", st.sampled_from([p["photos"], p["image"], "s3://b/photos"])),
+                           ("--out", st.sampled_from([p["root"] + "/out", "s3://b/masks"]))],
+                          [("--format", st.sampled_from(["trainid", "color,cityscapes", "cityscapes"])),
+                           ("--split", st.sampled_from(["val", "test"])), ("--pairs", None), ("--actors", natural),
+                           ("--gpus-per-actor", st.sampled_from(["0", "1", "0.5"])), ("--cpus-per-actor", st.just("1")),
+                           ("--cpus-per-task", st.just("0.5")), ("--batch-size", count),
+                           ("--experiment", st.just("preds"))]),
+        "export": ([("--model", st.just(p["ckpt"])), ("--out", st.just(p["root"] + "/m.onnx"))],
+                   [("--format", st.just("onnx")), ("--opset", st.sampled_from(["17", "18"])),
+                    ("--log-to-run", st.just("0123456789abcdef" * 2))]),
     }[name]
     required, optional = flags
 

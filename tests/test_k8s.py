@@ -8,10 +8,12 @@ deployment (an overlay's infrastructure plus its launchers, as they are applied 
 """
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
 from pathlib import Path
+from unittest import mock
 
 import kubernetes_validate
 import pytest
@@ -23,7 +25,7 @@ KUBE_VERSION = "1.32"  # the oldest API we target; kubectl here is v1.32
 NAMESPACE = "unet-dist"
 UID = 1000
 MLFLOW_URI = f"http://mlflow.{NAMESPACE}.svc.cluster.local:5000"
-LAUNCHERS = ("ray", "trainjob", "pytorchjob", "tune")
+LAUNCHERS = ("ray", "trainjob", "pytorchjob", "tune", "batch")
 APPS = (*LAUNCHERS, "serve")  # sub-kustomizations applied on their own: the launchers and serving
 OVERLAYS = ("cpu-smoke", "gpu", "s3", "shared-gpu")  # shared-gpu: gpu, queued on Kueue, scraped by Prometheus
 SHARED_VOLUME = ("cpu-smoke", "gpu", "shared-gpu")  # s3: shards, checkpoints and artifacts in a bucket
@@ -33,7 +35,7 @@ KUEUE_API, MONITORING_API = "kueue.x-k8s.io/v1beta2", "monitoring.coreos.com/v1"
 # Custom kinds that hold no pods (queues, quotas, scrape targets)
 WITHOUT_PODS = {"LocalQueue", "ClusterQueue", "ResourceFlavor", "WorkloadPriorityClass", "PodMonitor"}
 # What `python -m unet_dist.X` may name: the project's entry points.
-ENTRY_POINTS = {"preprocess", "train", "evaluate", "predict", "demo", "synth", "tune"}
+ENTRY_POINTS = {"preprocess", "train", "evaluate", "predict", "demo", "synth", "tune", "batch_predict", "export"}
 BUILT_IN = {"v1", "apps/v1", "batch/v1", "networking.k8s.io/v1"}
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|CREDENTIAL|(^|_)KEY($|_)", re.IGNORECASE)
 # A resource quantity, as the API server parses it (the OpenAPI schema only says "string").
@@ -170,7 +172,8 @@ def test_custom_resources_carry_the_fields_their_operators_require(overlay):
     for job in by_kind["RayJob"]:
         spec = job["spec"]
         assert job["apiVersion"] == "ray.io/v1"
-        assert spec["entrypoint"].startswith(("python -m unet_dist.train ", "python -m unet_dist.tune "))
+        assert spec["entrypoint"].startswith(("python -m unet_dist.train ", "python -m unet_dist.tune ",
+                                              "python -m unet_dist.batch_predict "))
         env_vars = yaml.safe_load(spec["runtimeEnvYAML"])["env_vars"]
         assert env_vars["MLFLOW_TRACKING_URI"] == MLFLOW_URI
         assert not {"pip", "conda", "uv", "working_dir"} & set(yaml.safe_load(spec["runtimeEnvYAML"]))
@@ -333,7 +336,7 @@ def test_commands_name_real_entry_points_and_config_files(overlay):
             for search in re.findall(r"--search[= ](\S+)", command):
                 assert search.startswith("/app/jobs/sweeps/"), f"{where(obj)}: --search {search} is not in the image's jobs/sweeps"
                 assert (REPO / "jobs" / "sweeps" / Path(search).name).is_file(), f"{where(obj)}: {search} does not exist"
-    assert {"preprocess", "train", *(("tune",) if "tune" in apps(overlay) else ())} <= seen_modules
+    assert {"preprocess", "train", "batch_predict", *(("tune",) if "tune" in apps(overlay) else ())} <= seen_modules
     assert seen_configs == ({"smoke.yaml"} if overlay == "cpu-smoke" else {"cityscapes.yaml"})
 
 
@@ -576,6 +579,31 @@ def test_sweep_rayjob_is_the_training_cluster_with_pods_labelled_tune(overlay):
         return yaml.safe_load(re.sub(r"app\.kubernetes\.io/component: \w+", "", yaml.safe_dump(spec)))
 
     assert without_labels(sweep["spec"]["rayClusterSpec"]) == without_labels(train["spec"]["rayClusterSpec"])
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_batch_rayjob_is_the_training_cluster_with_pods_labelled_batch(overlay):
+    (train,) = [o for o in render(f"overlays/{overlay}/ray") if o["kind"] == "RayJob"]
+    (batch,) = [o for o in render(f"overlays/{overlay}/batch") if o["kind"] == "RayJob"]
+    assert batch["metadata"]["name"] == "unet-batch-predict-ray" != train["metadata"]["name"]
+    argv = batch["spec"]["entrypoint"].split()
+    assert argv[:3] == ["python", "-m", "unet_dist.batch_predict"]
+    from unet_dist import batch_predict
+
+    with mock.patch.dict(os.environ, {"MLFLOW_TRACKING_URI": MLFLOW_URI}):  # what runtimeEnvYAML gives the job
+        args = batch_predict.parse(argv[3:])
+    assert args.model.startswith("models:/") and args.input != args.out
+    if overlay == "s3":
+        assert args.input.startswith("s3://") and args.out.startswith("s3://")
+    else:
+        assert args.input.startswith("/mnt/shared/") and args.out.startswith("/mnt/shared/")
+    labels = [(t.get("metadata") or {}).get("labels", {}) for _, t in pod_templates(batch)]
+    assert len(labels) == 3 and all(lab["app.kubernetes.io/component"] == "batch" for lab in labels)
+
+    def without_labels(spec):
+        return yaml.safe_load(re.sub(r"app\.kubernetes\.io/component: \w+", "", yaml.safe_dump(spec)))
+
+    assert without_labels(batch["spec"]["rayClusterSpec"]) == without_labels(train["spec"]["rayClusterSpec"])
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

@@ -16,7 +16,7 @@ import yaml
 
 from test_k8s import OVERLAYS, containers, deployment, external_secrets, pod_templates, walk, where
 
-COMPONENTS = {"mlflow", "postgres", "train", "evaluate", "serve", "preprocess", "tune"}
+COMPONENTS = {"mlflow", "postgres", "train", "evaluate", "serve", "preprocess", "tune", "batch"}
 # Volume types the restricted profile allows.
 RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
                       "projected", "secret"}
@@ -24,7 +24,7 @@ SAFE_SYSCTLS = {"kernel.shm_rmid_forced", "net.ipv4.ip_local_port_range", "net.i
                 "net.ipv4.tcp_syncookies", "net.ipv4.ping_group_range", "net.ipv4.ip_local_reserved_ports",
                 "net.ipv4.tcp_keepalive_time", "net.ipv4.tcp_fin_timeout", "net.ipv4.tcp_keepalive_intvl",
                 "net.ipv4.tcp_keepalive_probes"}
-MLFLOW_CLIENTS = {"train", "tune", "evaluate", "serve"}
+MLFLOW_CLIENTS = {"train", "tune", "batch", "evaluate", "serve"}
 
 
 def restricted_violations(spec: dict) -> list[str]:
@@ -199,6 +199,8 @@ DESTINATIONS = {
     "train-worker": (pod("train", **{"ray.io/node-type": "worker"}), RAY_PORTS),
     "tune-head": (pod("tune", **{"ray.io/node-type": "head"}), RAY_PORTS),
     "tune-worker": (pod("tune", **{"ray.io/node-type": "worker"}), RAY_PORTS),
+    "batch-head": (pod("batch", **{"ray.io/node-type": "head"}), RAY_PORTS),
+    "batch-worker": (pod("batch", **{"ray.io/node-type": "worker"}), RAY_PORTS),
     "mlflow": (pod("mlflow"), [("http", 5000), ("", 8080)]),
     "postgres": (pod("postgres"), [("postgres", 5432), ("", 8080)]),
     "serve": (pod("serve"), [("http", 8080), ("metrics", 9090)]),
@@ -220,7 +222,7 @@ def expected(src: str, dst: str, port: tuple[str, int], overlay: str) -> bool:
     role = dst.split("-")[0]
     if src == "prometheus" and role in ("train", "tune"):
         return overlay in SCRAPED and port[0] == "metrics"
-    if role in ("train", "tune") and src == role:
+    if role in ("train", "tune", "batch") and src == role:
         return True  # Ray, NCCL/gloo, rendezvous: any port between a job's own pods
     if dst == "mlflow":
         return src in MLFLOW_CLIENTS and port[1] == 5000
@@ -228,7 +230,7 @@ def expected(src: str, dst: str, port: tuple[str, int], overlay: str) -> bool:
         return src == "mlflow" and port[1] == 5432
     if dst == "serve":
         return port[0] == "http"  # from anywhere
-    if dst in ("train-head", "tune-head") and src == "kuberay-operator":
+    if dst in ("train-head", "tune-head", "batch-head") and src == "kuberay-operator":
         return port[1] == 8265
     return False
 

@@ -88,6 +88,15 @@ def id_to_train_id_lut() -> np.ndarray:
     return lut
 
 
+def train_id_to_id_lut() -> np.ndarray:
+    """A 256-entry table mapping trainIds back to Cityscapes ``labelIds`` (the benchmark's submission
+    format); 255 (ignore) and unknown values map to 0, ``unlabeled``."""
+    lut = np.zeros(256, dtype=np.uint8)
+    for lab in TRAIN_LABELS:
+        lut[lab.train_id] = lab.id
+    return lut
+
+
 def train_id_palette() -> np.ndarray:
     """A (256, 3) uint8 colour table indexed by trainId; 255 (ignore) is black."""
     pal = np.zeros((256, 3), dtype=np.uint8)

@@ -150,31 +150,46 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
-        top = left = 0
         if self.padding == "valid":
-            for side in (h, w):
-                try:
-                    output_size(side, self.depth, "valid")
-                except ValueError:
-                    below = next((s for s in range(side, 0, -1) if is_valid(s, self.depth)), None)
-                    above = next(s for s in itertools.count(side) if is_valid(s, self.depth))
-                    near = ", ".join(str(s) for s in (below, above) if s is not None)
-                    raise ValueError(
-                        f"valid U-Net (depth {self.depth}) got input {h}x{w}: each side must be a valid size, "
-                        f"near {side}: {near}; unet_dist.segment pads any image"
-                    ) from None
-        else:
-            mult = 2 ** (self.depth - 1)
-            ph, pw = -h % mult, -w % mult
-            top, left = ph // 2, pw // 2
-            x = mirror_pad(x, top, ph - top, left, pw - left)
+            check_valid_input(h, w, self.depth)
+            return self.body(x)
+        x, top, left = pad_to_multiple(x, self.depth)
+        y = self.body(x)
+        return y if y.shape[-2:] == (h, w) else y[..., top : top + h, left : left + w]
+
+    def body(self, x: torch.Tensor) -> torch.Tensor:
+        """The network itself, on an input it takes as it is: a valid size ('valid') or sides that
+        divide by ``2 ** (depth - 1)`` ('same'). ``forward`` checks or pads around it; the ONNX
+        export (:mod:`unet_dist.export`) is this graph, and its runner pads the same way."""
         skips = [self.inc(x)]
         for down in self.downs:
             skips.append(down(skips[-1]))
         y = skips.pop()
         for up in self.ups:
             y = up(y, skips.pop())
-        y = self.outc(y)
-        if self.padding == "same" and y.shape[-2:] != (h, w):
-            y = y[..., top : top + h, left : left + w]
-        return y
+        return self.outc(y)
+
+
+def check_valid_input(h: int, w: int, depth: int) -> None:
+    """Refuse an input a valid U-Net cannot take as it is, naming the nearest sizes it can."""
+    for side in (h, w):
+        try:
+            output_size(side, depth, "valid")
+        except ValueError:
+            below = next((s for s in range(side, 0, -1) if is_valid(s, depth)), None)
+            above = next(s for s in itertools.count(side) if is_valid(s, depth))
+            near = ", ".join(str(s) for s in (below, above) if s is not None)
+            raise ValueError(
+                f"valid U-Net (depth {depth}) got input {h}x{w}: each side must be a valid size, "
+                f"near {side}: {near}; unet_dist.segment pads any image"
+            ) from None
+
+
+def pad_to_multiple(x: torch.Tensor, depth: int) -> tuple[torch.Tensor, int, int]:
+    """Mirror-pad a 'same' model's input to sides that divide by ``2 ** (depth - 1)``; returns the
+    padded input and where the original starts in it (top, left), to crop the logits back."""
+    h, w = x.shape[-2:]
+    mult = 2 ** (depth - 1)
+    ph, pw = -h % mult, -w % mult
+    top, left = ph // 2, pw // 2
+    return mirror_pad(x, top, ph - top, left, pw - left), top, left

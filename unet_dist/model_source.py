@@ -15,7 +15,8 @@ from pathlib import Path
 
 from unet_dist import cli, storage, tracking_store
 
-FORMS = "a checkpoint or run directory, runs:/RUN_ID/PATH, models:/NAME/VERSION or models:/NAME@ALIAS"
+FORMS = ("a checkpoint or run directory, runs:/RUN_ID/PATH, models:/NAME/VERSION, models:/NAME@ALIAS "
+         "or an exported FILE.onnx")
 _MLFLOW_RE = re.compile(r"runs:/[0-9a-f]{32}/\S+|models:/[^/@\s]+/[^/\s]+|models:/[^/@\s]+@[^/\s]+|models:/m-[0-9a-f]+")
 
 
@@ -34,6 +35,10 @@ def model_spec(text: str) -> str:
         raise argparse.ArgumentTypeError(f"expected {FORMS}, got {text!r}")
     where = cli.location(text)
     local = storage.location(where).local_path
+    if text.endswith(".onnx"):
+        if local is None or not Path(local).is_file():
+            raise argparse.ArgumentTypeError(f"no such file: {text} (an ONNX model is a local file)")
+        return where
     if local is not None and not Path(local).is_dir():
         raise argparse.ArgumentTypeError(f"no such directory: {text} (expected {FORMS})")
     return where

@@ -18,13 +18,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from unet_dist import cli, devices, model_source
 from unet_dist.errors import UnetDistError
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
-
+from unet_dist.photo_files import IMAGE_SUFFIXES, photo_rgb
 
 def list_inputs(path: Path) -> list[Path]:
     if path.is_file():
@@ -39,16 +37,10 @@ def list_inputs(path: Path) -> list[Path]:
 
 def read_photo(path: Path, pairs: bool) -> np.ndarray:
     try:
-        with Image.open(path) as im:
-            photo = np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError) as e:
-        raise UnetDistError(f"{path}: not a readable image ({e})") from None
-    if pairs:
-        h, w = photo.shape[:2]
-        if w != 2 * h:
-            raise UnetDistError(f"{path}: a pairs image must be twice as wide as high, got {w}x{h}")
-        photo = photo[:, : w // 2]
-    return np.ascontiguousarray(photo)
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise UnetDistError(f"{path}: cannot read ({e.strerror or e})") from None
+    return photo_rgb(data, str(path), pairs)
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -75,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def predict(args: argparse.Namespace) -> None:
-    from unet_dist.labels import colorize
+    from unet_dist import mask_files
     from unet_dist.segment import segment
     from unet_dist.serving.loading import load_model
     from unet_dist.viz import overlay
@@ -88,8 +80,8 @@ def predict(args: argparse.Namespace) -> None:
         photo = read_photo(path, args.pairs)
         (ids,) = segment(model, [photo], device=args.device)
         stem = "__".join(path.relative_to(root).with_suffix("").parts)
-        Image.fromarray(colorize(ids)).save(out / f"{stem}_color.png")
-        Image.fromarray(ids).save(out / f"{stem}_trainIds.png")
+        for fmt in ("color", "trainid"):
+            (out / mask_files.output_name(stem, fmt)).write_bytes(mask_files.encode(ids, fmt))
         Image.fromarray(overlay(photo, ids)).save(out / f"{stem}_overlay.jpg", quality=90)
     print(f"wrote {len(args.inputs)} predictions to {out}")
 

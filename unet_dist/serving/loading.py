@@ -42,7 +42,13 @@ def _from_mlflow(uri: str) -> tuple[UNet, Config]:
 
 
 def load_model(spec: str, device: str | torch.device = "cpu") -> tuple[UNet, Config]:
-    """The model in eval mode and the config it was trained with."""
+    """The model in eval mode and the config it was trained with; an ``.onnx`` file gives an
+    :class:`~unet_dist.onnx_model.OnnxUNet` (onnxruntime, CPU), which predicts through the same path."""
+    if spec.endswith(".onnx"):
+        from unet_dist.onnx_model import OnnxUNet
+
+        onnx_model = OnnxUNet(spec)
+        return onnx_model.to(device), onnx_model.config
     if spec.startswith(("runs:/", "models:/")):
         model, cfg = _from_mlflow(spec)
     else:

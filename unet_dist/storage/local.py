@@ -63,6 +63,14 @@ class Local:
         p = Path(loc.key)
         return sorted(x.name for x in p.iterdir()) if p.is_dir() else []
 
+    def walk(self, loc) -> list[str]:
+        root = Path(loc.key)
+        out = []
+        for d, _, files in os.walk(root):
+            rel = Path(d).relative_to(root)
+            out += [(rel / f).as_posix() for f in files if not (f.startswith(".") and f.endswith(".tmp"))]
+        return sorted(out)
+
     def open_read(self, loc):
         return open(loc.key, "rb")
 

@@ -102,6 +102,11 @@ class Location:
         """Sorted names of the direct children (files and folders); [] when there is nothing."""
         return self._backend.listdir(self)
 
+    def walk(self) -> list[str]:
+        """Sorted POSIX paths, relative to this folder, of every file below it at any depth (one
+        recursive listing on an object store; files being written, ``.NAME.tmp``, left out locally)."""
+        return self._backend.walk(self)
+
     def open_read(self) -> BinaryIO:
         """A buffered binary stream (FileNotFoundError when missing). On an object store it is a
         series of 4 MiB ranged reads; one cut by the network is asked again at its own offset,

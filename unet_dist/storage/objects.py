@@ -126,6 +126,19 @@ class ObjectStore:
             return []
         return sorted({i.path[len(base):].split("/", 1)[0] for i in infos if i.path.startswith(base)} - {""})
 
+    def walk(self, loc) -> list[str]:
+        import pyarrow.fs as pafs
+
+        self.check(loc)
+        base = self.path(loc).rstrip("/") + "/"
+        selector = pafs.FileSelector(base, allow_not_found=True, recursive=True)
+        try:
+            infos = self.call("list", loc, lambda: self.fs.get_file_info(selector))
+        except FileNotFoundError:
+            return []
+        return sorted(i.path[len(base):] for i in infos
+                      if i.type == pafs.FileType.File and i.path.startswith(base) and not i.path.endswith("/"))
+
     def open_read(self, loc):
         self.check(loc)
         return io.BufferedReader(_RangedReader(self, loc), buffer_size=READ_CHUNK)

@@ -107,7 +107,7 @@ def _check_reachable(uri: str, budget_s: float) -> None:
             pause = min(pause * 2, 5.0)
 
 
-def _artifact_location(uri: str) -> str | None:
+def artifact_location(uri: str) -> str | None:
     # A sqlite store would otherwise put artifacts in ./mlruns of whichever process logs first.
     if uri.startswith("sqlite:///"):
         return (Path(uri[len("sqlite:///"):]).parent / "artifacts").as_uri()
@@ -146,7 +146,7 @@ def start_run(cfg: Config, *, resume_run_id: str | None, tags: dict[str, str]) -
             log.warning("MLflow run %s not found in %s; starting a new run", resume_run_id, uri)
     exp = client.get_experiment_by_name(cfg.mlflow.experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(
-        cfg.mlflow.experiment, artifact_location=_artifact_location(uri))
+        cfg.mlflow.experiment, artifact_location=artifact_location(uri))
     run = client.create_run(exp_id, run_name=cfg.mlflow.run_name or cfg.train.run_name, tags=tags)
     params = [(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in flatten(cfg).items()]
     from mlflow.entities import Param
