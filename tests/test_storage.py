@@ -89,6 +89,7 @@ def test_objects_round_trip_through_each_store_server(store, tmp_path):
     big.publish_file(tmp)
     assert not tmp.exists()
     assert url.listdir() == ["a.json", "sub"] and url.is_dir()
+    assert url.walk() == ["a.json", "sub/big.bin"] and (url / "sub").walk() == ["big.bin"]
     assert big.size() == len(data) and big.exists() and not (url / "sub").exists()
     with big.open_read() as f:
         assert f.read(10) == data[:10] and f.read() == data[10:]
@@ -101,7 +102,7 @@ def test_objects_round_trip_through_each_store_server(store, tmp_path):
     assert url.listdir() == ["a.json"]
     (url / "a.json").remove()
     (url / "a.json").remove()  # absent: nothing to do
-    assert url.listdir() == []
+    assert url.listdir() == [] and url.walk() == []
 
 
 @pytest.mark.slow

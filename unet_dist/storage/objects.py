@@ -112,30 +112,28 @@ class ObjectStore:
             raise FileNotFoundError(loc.url)
         return int(info.size)
 
-    def listdir(self, loc) -> list[str]:
+    def _below(self, loc) -> tuple[str, list]:
+        """The prefix and every entry below it, from one recursive listing ([] when none)."""
         import pyarrow.fs as pafs
 
         self.check(loc)
-        # Recursive, then the first component below the prefix: pyarrow's GCS listing leaves out
-        # the "folders" of a non-recursive one (prefixes without a marker object).
         base = self.path(loc).rstrip("/") + "/"
         selector = pafs.FileSelector(base, allow_not_found=True, recursive=True)
         try:
-            infos = self.call("list", loc, lambda: self.fs.get_file_info(selector))
+            return base, self.call("list", loc, lambda: self.fs.get_file_info(selector))
         except FileNotFoundError:
-            return []
+            return base, []
+
+    def listdir(self, loc) -> list[str]:
+        # Recursive, then the first component below the prefix: pyarrow's GCS listing leaves out
+        # the "folders" of a non-recursive one (prefixes without a marker object).
+        base, infos = self._below(loc)
         return sorted({i.path[len(base):].split("/", 1)[0] for i in infos if i.path.startswith(base)} - {""})
 
     def walk(self, loc) -> list[str]:
         import pyarrow.fs as pafs
 
-        self.check(loc)
-        base = self.path(loc).rstrip("/") + "/"
-        selector = pafs.FileSelector(base, allow_not_found=True, recursive=True)
-        try:
-            infos = self.call("list", loc, lambda: self.fs.get_file_info(selector))
-        except FileNotFoundError:
-            return []
+        base, infos = self._below(loc)
         return sorted(i.path[len(base):] for i in infos
                       if i.type == pafs.FileType.File and i.path.startswith(base) and not i.path.endswith("/"))
 
