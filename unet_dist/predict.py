@@ -24,6 +24,7 @@ from unet_dist import cli, devices, model_source
 from unet_dist.errors import UnetDistError
 from unet_dist.photo_files import IMAGE_SUFFIXES, photo_rgb
 
+
 def list_inputs(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
