@@ -72,6 +72,9 @@ def test_a_snapshot_keeps_the_step_it_was_taken_at_while_training_goes_on():
     assert states_equal(snap["model"], frozen["model"])
     assert torch.equal(snap["optimizer"]["state"][0]["exp_avg"], exp_avg)
     assert snap["optimizer"]["param_groups"] is not live["optimizer"]["param_groups"]
+    again = to_host(live, reuse=snap)  # the next snapshot goes into the last one's memory
+    assert again["model"]["0.weight"] is snap["model"]["0.weight"]
+    assert torch.equal(again["model"]["0.weight"], live["model"]["0.weight"])
 
 
 def test_background_checkpoints_hold_exactly_what_synchronous_ones_hold(tiny_shards, tmp_path):  # noqa: F811

@@ -8,11 +8,12 @@ Whose thread it is, is the launcher's (``Context.report_async``): our own under 
 upload thread under Ray Train (``checkpoint_upload_mode=ASYNC``).
 
 The rule when a checkpoint comes due while the last one is still being written: **the loop waits**
-for it, and the wait counts as checkpoint time in goodput. So at most one write is in flight, at
-most one snapshot (one copy of the state) is held beside the model, and no checkpoint the schedule
-names is ever skipped: a store slower than ``checkpoint_every`` steps slows training to its pace
-rather than leaving the newest checkpoint further and further behind. A preemption and the end of
-the run wait too (:meth:`Checkpointer.flush`), and a write that failed stops the run at the next
+for it, and the wait counts as checkpoint time in goodput. So at most one write is in flight and
+no checkpoint the schedule names is ever skipped: a store slower than ``checkpoint_every`` steps
+slows training to its pace rather than leaving the newest checkpoint further and further behind.
+It also keeps one host copy of the state (about 3x the weights) for the whole run: each snapshot
+is copied into the last one's memory, free again once its write is done. A preemption and the end
+of the run wait too (:meth:`Checkpointer.flush`), and a write that failed stops the run at the next
 step, as a failed synchronous write would have.
 
 The MLflow records a checkpoint covers are persisted (delivered, or spooled) in the writing thread
@@ -36,15 +37,23 @@ log = logging.getLogger("unet_dist.train")
 T = TypeVar("T")
 
 
-def to_host(obj):
+def to_host(obj, reuse=None):
     """A copy of ``obj`` with every tensor copied to host memory and every container copied, so
-    the steps that follow change nothing in it (a CPU state dict shares the parameters' storage)."""
+    the steps that follow change nothing in it (a CPU state dict shares the parameters' storage).
+    ``reuse``: an earlier copy of the same structure, whose tensors are overwritten in place where
+    shape, dtype and strides match: fresh memory costs mostly page faults (0.37 GB: about 0.2 s
+    fresh, 0.025 s reused, on one CPU core)."""
     if isinstance(obj, torch.Tensor):
+        if (isinstance(reuse, torch.Tensor) and reuse.shape == obj.shape and reuse.dtype == obj.dtype
+                and reuse.stride() == obj.stride()):
+            return reuse.copy_(obj.detach())
         return obj.detach().to("cpu", copy=True)
     if isinstance(obj, dict):
-        return {k: to_host(v) for k, v in obj.items()}
+        reuse = reuse if isinstance(reuse, dict) else {}
+        return {k: to_host(v, reuse.get(k)) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(to_host(v) for v in obj)
+        reuse = reuse if isinstance(reuse, (list, tuple)) and len(reuse) == len(obj) else [None] * len(obj)
+        return type(obj)(to_host(v, r) for v, r in zip(obj, reuse))
     return obj  # numbers, strings, None: immutable
 
 
@@ -89,7 +98,7 @@ class Write:
             log.error("checkpoint of step %d not published: %s", self.step, e)
             raise
         finally:
-            self.snapshot = None  # the host copy goes as soon as it is written
+            self.snapshot = None  # written: the next snapshot may overwrite its host copy
             self._done.set()
 
     def start(self, publish: Callable[[Path], object]) -> None:
@@ -124,6 +133,15 @@ class Checkpointer:
         self.background = background and ctx.report_async is not None
         self._persist = persist
         self.in_flight: Write | None = None
+        self._host: dict | None = None  # the last snapshot's host copy, reused by the next one
+
+    def snapshot(self, step: int, state: dict, meta: dict) -> Snapshot:
+        """Rank 0's checkpoint of ``step``. In the background the next steps update these tensors in
+        place, so they are copied to host memory first, into the last snapshot's copy: the write
+        in flight is waited for before a checkpoint is taken, so that copy is free again."""
+        if self.background:
+            state = self._host = to_host(state, self._host)
+        return Snapshot(step, state, meta)
 
     def save(self, metrics: dict, snapshot: Snapshot | None) -> str | None:
         """Publish ``snapshot`` (rank 0; None elsewhere); every rank calls it at the same steps.

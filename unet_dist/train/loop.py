@@ -23,7 +23,6 @@ from unet_dist.scoring import evaluate_model
 from unet_dist import checkpoint
 from unet_dist.train import agree, parts, preemption, rank_state
 from unet_dist.train import plan as job_plan
-from unet_dist.train.checkpointer import Snapshot, to_host
 from unet_dist.train.context import Context
 from unet_dist.train.observer import Observer
 from unet_dist.train.parts import Parts, Trainable
@@ -266,8 +265,7 @@ def save(p: Parts, progress: Progress, step: int, metrics: dict) -> None:
                                    manifest_sha256=p.plan.manifest_sha256)
             meta.update(status=metrics.get("status"), data_position=step * p.cfg.train.accumulation,
                         goodput=p.observer.ledger(step))  # the ledger a resumed attempt carries on
-            # In the background the next steps update these tensors in place: copy them first.
-            snapshot = Snapshot(step, to_host(state) if p.checkpointer.background else state, meta)
+            snapshot = p.checkpointer.snapshot(step, state, meta)  # in host memory when in the background
         where = p.checkpointer.save(metrics, snapshot)
         if ctx.rank == 0:
             progress.last_checkpoint = where
