@@ -6,7 +6,7 @@
 
 Arguments other than --only/--out go to every script (--quick, --repeats N, --cache DIR).
 Default run: 6-10 minutes on 2 cores (more when the machine is busy); the launcher comparison is half of it.
-Not in the default run (ask with --only): preempt, sweep, demo (~25 min), multinode (root).
+Not in the default run (ask with --only): preempt, checkpoint (~20 min), sweep, demo (~25 min), multinode (root).
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ SCRIPTS = {  # name -> file, in the order of the data flow
     "gpu": "gpu.py",
     # Long (minutes each, ~25 for demo) or needing root: run them by name with --only.
     "preempt": "bench_preempt.py",
+    "checkpoint": "bench_checkpoint.py",
     "sweep": "bench_sweep.py",
     "demo": "bench_demo.py",
     "multinode": "bench_multinode.py",

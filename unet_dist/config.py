@@ -103,6 +103,7 @@ class TrainConfig:
     eval_every: Annotated[int, Ge(0)] = 250  # steps; 0 = only at the end
     eval_batches: Annotated[int, Ge(0)] = 0  # 0 = the whole val split
     checkpoint_every: Annotated[int, Ge(1)] = 250  # steps
+    checkpoint_async: bool = True  # rank 0 snapshots the state to host memory and writes and uploads it in the background; a checkpoint due while one is in flight waits for it (docs/reliability.md)
     checkpoint_dir: Annotated[str, NotEmpty()] = "runs/checkpoints"  # <checkpoint_dir>/<run_name>/; on a cluster shared storage or an s3://, gs://, az:// URL
     run_name: Annotated[str, Name()] = "unet-demo"  # names the checkpoint folder and the Ray run; reuse it to resume
     workers: Annotated[int, Ge(1)] = 2  # Ray Train workers (torchrun: --nproc_per_node decides)

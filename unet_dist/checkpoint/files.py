@@ -58,11 +58,16 @@ def write(directory: Path, state: dict, meta: dict) -> Path:
     return directory
 
 
+def step_dir(run_dir: PathOrUrl, step: int) -> Location:
+    """Where the checkpoint of ``step`` is published under ``run_dir`` (both launchers)."""
+    return storage.location(run_dir) / f"checkpoint_step-{step:08d}"
+
+
 def publish(tmp_dir: Path, run_dir: PathOrUrl, step: int, keep: int = 2) -> Location:
     """Put the finished checkpoint folder ``tmp_dir`` into ``run_dir`` (locally by one rename, on a
     store with ``meta.json`` uploaded last) and keep only the newest ``keep``."""
     run = storage.location(run_dir)
-    final = run / f"checkpoint_step-{step:08d}"
+    final = step_dir(run, step)
     final.upload_tree(tmp_dir, last=META_FILE)
     for old in [n for n in run.listdir() if n.startswith("checkpoint_step-")][:-keep]:
         (run / old).remove_tree()

@@ -6,9 +6,12 @@ import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from unet_dist.train.plan import JobPlan
+
+if TYPE_CHECKING:
+    from unet_dist.train.checkpointer import Write
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,11 @@ class Context:
     # Ray: a reason when a node of this job is being drained (a spot reclaim), else None. Every rank
     # calls it at the same steps (it is a barrier across the workers).
     node_drain: Callable[[], str | None] | None = None
+    # train.checkpoint_async: the same call, but rank 0 passes a checkpointer.Write (a snapshot in host
+    # memory) that the launcher writes and publishes in the background, returning at once where it
+    # will be published. No rank waits for it here: the loop does, at the next checkpoint and at the
+    # end. None: the launcher has no background path, every checkpoint goes through ``report``.
+    report_async: Callable[[dict, "Write | None"], str | None] | None = None
     # The job as the driver resolved it; None for in-process callers (tests, benchmarks): the loop
     # then reads the shards manifest itself (plan.from_shards).
     plan: JobPlan | None = None

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from unet_dist import checkpoint
 from unet_dist.train import goodput, multinode, preemption
 from unet_dist.train import plan as job_plan
 from unet_dist.train.agree import AllRanksError
+from unet_dist.train.checkpointer import Write
 from unet_dist.train.context import Context
 from unet_dist.train.loop import train
 from unet_dist.train.plan import JobPlan
@@ -75,7 +77,7 @@ def run_torchrun(cfg: Config) -> RunSummary:
         if rank == 0:  # the one rank that logs: it opens the MLflow run (the others' plans have none)
             plan = open_run(plan, "torchrun", world)
         ctx = Context(rank=rank, world_size=world, local_rank=local_rank, launcher="torchrun", run_id=plan.run_id,
-                      report=_publish_then_wait(plan.run_dir),
+                      report=_publish_then_wait(plan.run_dir), report_async=_publish_in_background(plan.run_dir),
                       latest_checkpoint=lambda: contextlib.nullcontext(plan.latest), plan=plan,
                       # goodput: this rank's start; the torchrun agent's start is the job's launch
                       started_at=goodput.process_start(), launched_at=goodput.process_start(parent=True))
@@ -104,6 +106,19 @@ def _publish_then_wait(run_dir: str):
             log.info("checkpoint %s", final)
         dist.barrier()
         return final
+
+    return report
+
+
+def _publish_in_background(run_dir: str):
+    """torchrun's ``report_async``: rank 0 writes and publishes the snapshot in a thread of its own;
+    no rank waits here (the loop waits at the next checkpoint and at the end: Checkpointer.flush)."""
+    def report(metrics: dict, write: Write | None) -> str | None:
+        if write is None:
+            return None
+        final = checkpoint.step_dir(run_dir, write.step)
+        write.start(lambda tmp: checkpoint.publish(tmp, run_dir, write.step))
+        return str(final)
 
     return report
 
@@ -170,17 +185,47 @@ def _ray_worker(loop_config: dict) -> RunSummary:
     # Read before any collective, so before any rank of this attempt can report a checkpoint.
     checkpointed = [internal_kv._internal_kv_exists(_checkpointed_key(plan), namespace=PREEMPT_NAMESPACE)]
 
-    def report(metrics: dict, tmp: Path | None) -> str | None:
-        name = f"checkpoint_step-{int(metrics['step']):08d}" if tmp is not None else None
-        if name and not checkpointed[0]:
+    def note_checkpointed() -> None:
+        if not checkpointed[0]:
             internal_kv._internal_kv_put(_checkpointed_key(plan), b"1", overwrite=True, namespace=PREEMPT_NAMESPACE)
             checkpointed[0] = True
+
+    def report(metrics: dict, tmp: Path | None) -> str | None:
+        name = f"checkpoint_step-{int(metrics['step']):08d}" if tmp is not None else None
+        if name:
+            note_checkpointed()
         ckpt = ray.train.Checkpoint.from_directory(str(tmp)) if tmp is not None else None
         ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name)
         return str(storage.location(plan.run_dir) / name) if name else None  # Ray keeps it under <storage_path>/<name>/
 
+    def report_async(metrics: dict, write: Write | None) -> str | None:
+        """Ray's own asynchronous mode: its upload thread runs ``write`` (torch.save, then our
+        upload with meta.json last) and registers the checkpoint once published; Ray waits for it
+        when the training function returns. The folder handed to Ray is empty until then."""
+        from ray.train import CheckpointUploadMode
+
+        if write is None:
+            ray.train.report(metrics, checkpoint=None, checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
+            return None
+        name = f"checkpoint_step-{write.step:08d}"
+        note_checkpointed()
+        final = storage.location(plan.run_dir) / name
+        ray_storage = rc.get_storage()
+
+        def upload(ckpt, dir_name: str):
+            write.run(Path(ckpt.path), lambda tmp: final.upload_tree(tmp, last=checkpoint.META_FILE))
+            return ray.train.Checkpoint(path=f"{ray_storage.experiment_fs_path}/{dir_name}",
+                                        filesystem=ray_storage.storage_filesystem)
+
+        tmp = tempfile.mkdtemp(prefix="unet-ckpt-")
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name,
+                         checkpoint_upload_mode=CheckpointUploadMode.ASYNC, delete_local_checkpoint_after_upload=True,
+                         checkpoint_upload_fn=upload)
+        return str(final)
+
     ctx = Context(rank=rc.get_world_rank(), world_size=rc.get_world_size(), local_rank=rc.get_local_rank(),
-                  launcher="ray", run_id=plan.run_id, report=report, node_drain=_ray_node_drain, plan=plan,
+                  launcher="ray", run_id=plan.run_id, report=report, report_async=report_async,
+                  node_drain=_ray_node_drain, plan=plan,
                   latest_checkpoint=lambda: _ray_latest(plan, restarted_after_a_checkpoint=checkpointed[0]),
                   started_at=started_at, launched_at=loop_config.get("launched_at"))  # goodput's clock
     try:

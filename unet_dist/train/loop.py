@@ -12,9 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
@@ -85,6 +83,7 @@ def run_steps(p: Parts, progress: Progress, schedule: Schedule) -> None:
     for step in range(p.start_step + 1, schedule.steps + 1):
         if not _step(p, progress, step, schedule.at(step)):
             break
+    _flush(p)  # the last checkpoint published before the run ends (a SIGTERM now changes nothing)
     preemption.steps_done()
     p.observer.steps_end()
     progress.loop_s = time.perf_counter() - t0
@@ -94,6 +93,7 @@ def _step(p: Parts, progress: Progress, step: int, due: Due) -> bool:
     """One optimiser step and what the schedule says follows it; False: the run stops here."""
     progress.step = step
     preemption.at_step(step)
+    p.checkpointer.check()  # a background write that failed stops the run, as a synchronous one would
     bad = _optimizer_step(p, progress, due)
     if bad is not None:
         progress.status, progress.step = "non_finite_loss", bad
@@ -221,6 +221,7 @@ def _checkpoint_preempted(p: Parts, progress: Progress, step: int) -> None:
     if p.ctx.rank == 0:
         log.info("preempted (%s): checkpoint at step %d, then stop", preemption.reason(), step)
     if _checkpoint_now(p, progress, step, preemption.STATUS):
+        _flush(p)
         progress.status = preemption.STATUS
         if p.ctx.rank == 0:
             log.info("preemption checkpoint at step %d published %.2f s after the request",
@@ -243,28 +244,41 @@ def _checkpoint_before_drain(p: Parts, progress: Progress, step: int) -> bool:
 
 def save(p: Parts, progress: Progress, step: int, metrics: dict) -> None:
     """The one checkpoint save. Every rank calls it (gathering the ranks' own state is a collective);
-    rank 0 writes the checkpoint and the launcher publishes it (``ctx.report``). An asynchronous
-    writer replaces this body, not its callers."""
+    rank 0 takes the snapshot, in host memory, and ``p.checkpointer`` has the launcher publish it:
+    in the background with ``train.checkpoint_async`` (train/checkpointer.py), else before this
+    returns. A write still in flight is waited for first: at most one at a time. The checkpoint
+    clock counts only the time the loop is held here."""
     ctx = p.ctx
     with p.observer.timed("checkpoint"):
-        p.tracker.persist()  # rank 0: the records this checkpoint covers are delivered or spooled
+        t0 = time.perf_counter()
+        p.checkpointer.wait()  # the rule: a checkpoint due while the last one is in flight waits for it
+        waited = time.perf_counter() - t0
         ranks = rank_state.gather_rank_states(p.model, ctx.world_size)
-        if ctx.rank != 0:
-            ctx.report(metrics, None)
-        else:
-            with tempfile.TemporaryDirectory(prefix="unet-ckpt-") as tmp:
-                state = {"model": p.model.state_dict(), "optimizer": p.optimizer.state_dict(),
-                         "scheduler": p.scheduler.state_dict(), **progress.saved_state(),
-                         "rng": rank_state.rng_state(),
-                         "ranks": ranks}  # each rank's RNG and BatchNorm statistics: an exact resume
-                meta = checkpoint.meta(p.cfg, step=step, best_miou=progress.best_miou, run_id=p.plan.run_id,
-                                       world_size=ctx.world_size, launcher=ctx.launcher,
-                                       manifest_sha256=p.plan.manifest_sha256)
-                meta.update(status=metrics.get("status"), data_position=step * p.cfg.train.accumulation,
-                            goodput=p.observer.ledger(step))  # the ledger a resumed attempt carries on
-                checkpoint.write(Path(tmp), state, meta)
-                progress.last_checkpoint = ctx.report(metrics, Path(tmp))
+        snapshot = None
+        if ctx.rank == 0:
+            state = {"model": p.model.state_dict(), "optimizer": p.optimizer.state_dict(),
+                     "scheduler": p.scheduler.state_dict(), **progress.saved_state(),
+                     "rng": rank_state.rng_state(),
+                     "ranks": ranks}  # each rank's RNG and BatchNorm statistics: an exact resume
+            meta = checkpoint.meta(p.cfg, step=step, best_miou=progress.best_miou, run_id=p.plan.run_id,
+                                   world_size=ctx.world_size, launcher=ctx.launcher,
+                                   manifest_sha256=p.plan.manifest_sha256)
+            meta.update(status=metrics.get("status"), data_position=step * p.cfg.train.accumulation,
+                        goodput=p.observer.ledger(step))  # the ledger a resumed attempt carries on
+            snapshot = p.checkpointer.snapshot(step, state, meta)  # in host memory when in the background
+        where = p.checkpointer.save(metrics, snapshot)
+        if ctx.rank == 0:
+            progress.last_checkpoint = where
+            log.info("checkpoint at step %d: the loop was held %.3f s (%.3f s of it waiting for the last one)%s",
+                     step, time.perf_counter() - t0, waited, ", writing in the background"
+                     if p.checkpointer.background else ", written")
     progress.saved = step
+
+
+def _flush(p: Parts) -> None:
+    """Every rank: the write in flight published (rank 0) and waited for (all), as checkpoint time."""
+    with p.observer.timed("checkpoint"):
+        p.checkpointer.flush()
 
 
 def finish(p: Parts, progress: Progress) -> RunSummary:

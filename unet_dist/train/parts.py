@@ -27,6 +27,7 @@ from unet_dist import unet_geometry as geometry
 from unet_dist.model import UNet, margin
 from unet_dist.tracking import NullLogger, RunLogger
 from unet_dist.train import agree, preemption, telemetry
+from unet_dist.train.checkpointer import Checkpointer
 from unet_dist.train.context import Context
 from unet_dist.train.observer import Observer
 from unet_dist.train.plan import JobPlan
@@ -62,6 +63,7 @@ class Parts(Trainable):
     global_batch: int
     preempt_group: object  # the process group the preemption flag is agreed on
     observer: Observer  # the goodput clock and the Prometheus series (train/observer.py)
+    checkpointer: Checkpointer  # publishes checkpoints, in the background or not (train/checkpointer.py)
 
 
 def trainable(cfg: Config, ctx: Context, plan: JobPlan) -> Trainable:
@@ -104,7 +106,8 @@ def build(cfg: Config, ctx: Context, plan: JobPlan, core: Trainable, start_step:
     return Parts(**vars(core), cfg=cfg, ctx=ctx, plan=plan, start_step=start_step, net=net, step_fn=step_fn,
                  loss_fn=loss_fn, dtype=amp_dtype(cfg, device), crop=crop, aug=aug, batches=batches,
                  val_urls=shards.shard_paths(cfg.shards.dir, plan.manifest, "val"), tracker=tracker,
-                 global_batch=global_batch, preempt_group=preempt_group, observer=observer)
+                 global_batch=global_batch, preempt_group=preempt_group, observer=observer,
+                 checkpointer=Checkpointer(ctx, t.checkpoint_async, persist=tracker.persist))
 
 
 def open_tracker(cfg: Config, ctx: Context, plan: JobPlan, start_step: int, global_batch: int,

@@ -26,7 +26,7 @@ SERIES = {
     "unet_train_images_per_second": "training images per second (global batch), over the last log window",
     "unet_train_step_seconds": "seconds per step (data wait + compute), mean over the last log window",
     "unet_train_data_wait_fraction": "share of step time spent waiting for the next batch, last log window",
-    "unet_checkpoint_write_seconds": "seconds the last checkpoint took to write and publish",
+    "unet_checkpoint_write_seconds": "seconds the last checkpoint held the training loop (the write itself may run in the background)",
     "unet_evaluation_seconds": "seconds the last evaluation took",
     "unet_job_restarts": "attempts of this job so far, less one (failures and preemptions)",
     "unet_job_preemptions": "attempts of this job that ended preempted (a checkpoint, then a stop)",
