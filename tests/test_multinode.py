@@ -250,8 +250,10 @@ def s3_latest_step(c: Cluster, run_dir: str) -> int:
 
 
 def published_steps(text: str) -> list[int]:
-    """Checkpoints Ray Train reports as created (each is in storage once the line is printed)."""
-    return [int(s) for s in re.findall(r"Checkpoint successfully created at: .*checkpoint_step-(\d+)", text)]
+    """Checkpoints in storage once the line is printed: Ray Train's own line for a synchronous report,
+    ours for a background one (train.checkpoint_async, the default)."""
+    return [int(ray_line or ours) for ray_line, ours in re.findall(
+        r"Checkpoint successfully created at: .*checkpoint_step-(\d+)|checkpoint of step (\d+) published in", text)]
 
 
 @pytest.fixture(scope="module")

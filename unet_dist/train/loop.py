@@ -239,7 +239,10 @@ def _checkpoint_before_drain(p: Parts, progress: Progress, step: int) -> bool:
     progress.drain_saved = True
     if p.ctx.rank == 0:
         log.warning("%s: checkpoint at step %d, training goes on", why, step)
-    return _checkpoint_now(p, progress, step, "running")
+    saved = _checkpoint_now(p, progress, step, "running")
+    if saved:
+        _flush(p)  # the node may go any moment: this checkpoint in storage before the next step
+    return saved
 
 
 def save(p: Parts, progress: Progress, step: int, metrics: dict) -> None:
