@@ -71,6 +71,7 @@ def test_submission_format_maps_train_ids_to_label_ids():
     assert (lut[got[ids != 255]] == ids[ids != 255]).all()  # labelIds -> trainIds gives the prediction back
 
 
+@pytest.mark.slow  # the command in a subprocess
 @pytest.mark.parametrize("argv, needle", [
     (["--format", "png"], "--format: expected one or more of trainid|color|cityscapes"),
     (["--batch-size", "0"], "--batch-size"),
@@ -84,6 +85,7 @@ def test_bad_arguments_are_one_line(tmp_path, argv, needle):
     assert_only_error(proc, needle)
 
 
+@pytest.mark.slow  # the command in a subprocess
 def test_out_inside_input_is_refused_before_ray_starts(tmp_path):
     ckpt = make_checkpoint(tmp_path / "ckpt")
     write_photos(tmp_path / "in", [(8, 8)])
@@ -92,6 +94,7 @@ def test_out_inside_input_is_refused_before_ray_starts(tmp_path):
     assert_only_error(proc, "--out", "must not be inside --input")
 
 
+@pytest.mark.slow  # the command in a subprocess
 def test_an_empty_input_folder_is_one_line(tmp_path):
     ckpt = make_checkpoint(tmp_path / "ckpt")
     (tmp_path / "in").mkdir()

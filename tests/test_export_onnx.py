@@ -12,8 +12,9 @@ import torch
 from batch_helpers import make_checkpoint, write_photos
 from conftest import assert_only_error, clean_env, run
 
+pytestmark = pytest.mark.slow  # exports and runs paper-depth networks, and the CLIs in subprocesses
 PY = sys.executable
-SIZES = [(128, 128), (256, 512), pytest.param((512, 1024), marks=pytest.mark.slow)]
+SIZES = [(128, 128), (256, 512), (512, 1024)]
 TILE = 572  # the paper's tile: at 256x512 and 512x1024 a valid model runs several overlapping tiles
 
 
