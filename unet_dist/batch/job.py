@@ -76,6 +76,9 @@ def resources(args: argparse.Namespace) -> tuple[int, float]:
     gpus = args.gpus_per_actor if args.gpus_per_actor is not None else (1.0 if cluster_gpus else 0.0)
     if gpus and not cluster_gpus:
         raise UnetDistError(f"--gpus-per-actor {gpus:g}: the Ray cluster has no GPUs")
+    if gpus and args.model.endswith(".onnx"):
+        raise UnetDistError(f"--model {args.model}: an ONNX model runs on onnxruntime's CPU provider; "
+                            "give --gpus-per-actor 0 (or a checkpoint or MLflow model for GPU actors)")
     spare = cpus - 2 * args.cpus_per_task
     auto = int(cluster_gpus / gpus) if gpus else int(spare // args.cpus_per_actor) if args.cpus_per_actor else 2
     actors = args.actors or max(1, auto)
