@@ -149,18 +149,13 @@ class UNet(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[-2:]
-        if self.padding == "valid":
-            check_valid_input(h, w, self.depth)
-            return self.body(x)
-        x, top, left = pad_to_multiple(x, self.depth)
-        y = self.body(x)
-        return y if y.shape[-2:] == (h, w) else y[..., top : top + h, left : left + w]
+        return around_body(self.body, x, self.depth, self.padding)
 
     def body(self, x: torch.Tensor) -> torch.Tensor:
         """The network itself, on an input it takes as it is: a valid size ('valid') or sides that
-        divide by ``2 ** (depth - 1)`` ('same'). ``forward`` checks or pads around it; the ONNX
-        export (:mod:`unet_dist.export`) is this graph, and its runner pads the same way."""
+        divide by ``2 ** (depth - 1)`` ('same'). ``forward`` checks or pads around it
+        (:func:`around_body`); the ONNX export (:mod:`unet_dist.export`) is this graph, and its
+        runner goes through the same :func:`around_body`."""
         skips = [self.inc(x)]
         for down in self.downs:
             skips.append(down(skips[-1]))
@@ -168,6 +163,19 @@ class UNet(nn.Module):
         for up in self.ups:
             y = up(y, skips.pop())
         return self.outc(y)
+
+
+def around_body(body, x: torch.Tensor, depth: int, padding: str) -> torch.Tensor:
+    """Logits at the input's size from ``body`` (the network itself: :meth:`UNet.body`, or the ONNX
+    graph of it): a 'valid' input is checked, a 'same' one mirror-padded to a multiple of
+    ``2 ** (depth - 1)`` and its logits cropped back."""
+    h, w = x.shape[-2:]
+    if padding == "valid":
+        check_valid_input(h, w, depth)
+        return body(x)
+    x, top, left = pad_to_multiple(x, depth)
+    y = body(x)
+    return y if y.shape[-2:] == (h, w) else y[..., top : top + h, left : left + w]
 
 
 def check_valid_input(h: int, w: int, depth: int) -> None:

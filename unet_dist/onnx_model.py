@@ -4,7 +4,7 @@
 ``padding``, logits for an ``[N, 3, H, W]`` tensor), so an ONNX file goes through the same
 overlap-tile path, normalisation and argmax as the PyTorch model: ``--model FILE.onnx`` in
 ``predict`` and ``batch_predict``. The graph is :meth:`UNet.body`; the padding of 'same' models and
-the size check of 'valid' ones happen here, in the same functions ``UNet.forward`` uses.
+the size check of 'valid' ones go around it in :func:`unet_dist.model.around_body`, as in ``UNet.forward``.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch
 
 from unet_dist.config import Config, from_dict
 from unet_dist.errors import UnetDistError
-from unet_dist.model import check_valid_input, pad_to_multiple
+from unet_dist.model import around_body
 
 META_CONFIG = "unet_dist.config"  # the training config (JSON) in the file's metadata_props
 INPUT, OUTPUT = "image", "logits"
@@ -49,12 +49,8 @@ class OnnxUNet:
         return self
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[-2:]
-        top = left = 0
-        if self.padding == "valid":
-            check_valid_input(h, w, self.depth)
-        else:
-            x, top, left = pad_to_multiple(x, self.depth)
+        return around_body(self._body, x, self.depth, self.padding)
+
+    def _body(self, x: torch.Tensor) -> torch.Tensor:
         feed = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
-        y = torch.from_numpy(self.session.run([OUTPUT], {INPUT: feed})[0])
-        return y if self.padding == "valid" else y[..., top : top + h, left : left + w]
+        return torch.from_numpy(self.session.run([OUTPUT], {INPUT: feed})[0])

@@ -79,9 +79,14 @@ def resources(args: argparse.Namespace) -> tuple[int, float]:
     if gpus and args.model.endswith(".onnx"):
         raise UnetDistError(f"--model {args.model}: an ONNX model runs on onnxruntime's CPU provider; "
                             "give --gpus-per-actor 0 (or a checkpoint or MLflow model for GPU actors)")
-    spare = cpus - 2 * args.cpus_per_task
-    auto = int(cluster_gpus / gpus) if gpus else int(spare // args.cpus_per_actor) if args.cpus_per_actor else 2
-    actors = args.actors or max(1, auto)
+    if args.actors:
+        actors = args.actors
+    elif gpus:
+        actors = max(1, int(cluster_gpus / gpus))
+    elif args.cpus_per_actor:
+        actors = max(1, int((cpus - 2 * args.cpus_per_task) // args.cpus_per_actor))
+    else:
+        actors = 2
     if actors * args.cpus_per_actor + args.cpus_per_task > cpus + 1e-9:
         raise UnetDistError(f"--actors {actors} x --cpus-per-actor {args.cpus_per_actor:g} leave no CPU for the decode "
                             f"and write tasks (--cpus-per-task {args.cpus_per_task:g}): the Ray cluster has "

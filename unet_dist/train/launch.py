@@ -191,12 +191,13 @@ def _ray_worker(loop_config: dict) -> RunSummary:
             checkpointed[0] = True
 
     def report(metrics: dict, tmp: Path | None) -> str | None:
-        name = f"checkpoint_step-{int(metrics['step']):08d}" if tmp is not None else None
-        if name:
-            note_checkpointed()
-        ckpt = ray.train.Checkpoint.from_directory(str(tmp)) if tmp is not None else None
-        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name)
-        return str(storage.location(plan.run_dir) / name) if name else None  # Ray keeps it under <storage_path>/<name>/
+        if tmp is None:
+            ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=None)
+            return None
+        final = checkpoint.step_dir(plan.run_dir, int(metrics["step"]))  # Ray keeps it under <storage_path>/<name>/
+        note_checkpointed()
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)), checkpoint_dir_name=final.name)
+        return str(final)
 
     def report_async(metrics: dict, write: Write | None) -> str | None:
         """Ray's own asynchronous mode: its upload thread runs ``write`` (torch.save, then our
@@ -207,9 +208,8 @@ def _ray_worker(loop_config: dict) -> RunSummary:
         if write is None:
             ray.train.report(metrics, checkpoint=None, checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
             return None
-        name = f"checkpoint_step-{write.step:08d}"
+        final = checkpoint.step_dir(plan.run_dir, write.step)
         note_checkpointed()
-        final = storage.location(plan.run_dir) / name
         ray_storage = rc.get_storage()
 
         def upload(ckpt, dir_name: str):
@@ -218,7 +218,7 @@ def _ray_worker(loop_config: dict) -> RunSummary:
                                         filesystem=ray_storage.storage_filesystem)
 
         tmp = tempfile.mkdtemp(prefix="unet-ckpt-")
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name,
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=final.name,
                          checkpoint_upload_mode=CheckpointUploadMode.ASYNC, delete_local_checkpoint_after_upload=True,
                          checkpoint_upload_fn=upload)
         return str(final)
