@@ -2,6 +2,7 @@
 tests/test_preemption.py)."""
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 from pathlib import Path
@@ -14,7 +15,7 @@ from unet_dist import preprocess
 from unet_dist.config import load_config
 from unet_dist.data import shards
 from unet_dist.data.augment import Augment, to_device
-from unet_dist.data.stream import StreamSpec, index_shards, positions, train_stream
+from unet_dist.data.stream import StreamSpec, index_shards, micro_batches, positions, share, train_stream
 from unet_dist.synth import write_dataset
 from unet_dist.train import preemption
 
@@ -49,13 +50,43 @@ def test_index_reads_every_sample_from_the_tar_headers(urls):
 
 
 def test_each_epoch_covers_every_sample_once_across_the_ranks():
-    n, seen = 10, []
-    for t in range(10):  # 2 ranks x 3 samples x 10 batches = 6 epochs of 10
+    n, seen, spec = 10, [], StreamSpec(seed=5, batch_size=3)
+    for step in range(10):  # 2 ranks x 3 samples x 10 steps = 6 epochs of 10
         for rank in (0, 1):
-            seen += positions(StreamSpec(seed=5, rank=rank, world=2, batch_size=3), t, n)
+            for g in itertools.islice(micro_batches(step, 2, rank, 2), 1):
+                seen += positions(spec, g, n)
     for epoch in range(6):
         assert sorted(i for e, i in seen if e == epoch) == list(range(n))
     assert [i for e, i in seen if e == 0] != list(range(n)), "shuffled"
+
+
+def step_samples(step: int, per_step: int, world: int) -> list[list[int]]:
+    """The sample indices each rank of ``world`` trains step ``step`` on."""
+    spec = StreamSpec(seed=5, batch_size=2)
+    return [[i for g in itertools.islice(micro_batches(step, per_step, rank, world), share(per_step, rank, world))
+             for _, i in positions(spec, g, 10)] for rank in range(world)]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_a_step_trains_on_the_same_samples_at_any_world_size(world):
+    """An elastic group that shrinks or grows keeps the global batches: 4 micro-batches a step, dealt
+    to 1, 2, 3 or 4 ranks (3 ranks: 2, 1 and 1), are the same 8 samples."""
+    for step in (0, 1, 7):
+        full = sorted(i for rank in step_samples(step, 4, 4) for i in rank)
+        ranks = step_samples(step, 4, world)
+        assert sorted(i for rank in ranks for i in rank) == full
+        assert [len(r) for r in ranks] == [2 * share(4, r, world) for r in range(world)]
+    assert [share(4, r, 3) for r in range(3)] == [2, 1, 1]
+
+
+def test_the_stream_is_the_one_of_a_fixed_world_with_accumulation():
+    """2 ranks taking 2 micro-batches each per step read what rank r's batch t always was:
+    positions (t x world + r) x batch_size onwards."""
+    spec = StreamSpec(seed=5, batch_size=2)
+    for rank in (0, 1):
+        stream = list(itertools.islice(micro_batches(3, 4, rank, 2), 6))
+        assert stream == [t * 2 + rank for t in range(6, 12)]
+        assert positions(spec, stream[0], 10)[0] == positions(spec, 12 + rank, 10)[0]
 
 
 def test_resumed_stream_equals_the_uninterrupted_one_with_any_worker_count(urls):

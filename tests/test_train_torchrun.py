@@ -1,5 +1,6 @@
 """torchrun DDP on CPU (gloo) through the one-node launcher jobs/torchrun_single.sh: the same loop
 as Ray, real processes, small data."""
+import json
 import re
 import sys
 from pathlib import Path
@@ -65,3 +66,49 @@ def test_eval_metrics_are_identical_for_one_and_two_workers(first_run):
                "--model", ckpt, "--shards", str(shards), "--json", "--batch-size", "3"], cwd=tmp, env=clean_env())
     last = lambda p: [line for line in p.stdout.splitlines() if line.startswith("{")][-1]
     assert last(one) == last(two)
+
+
+# ------------------------------------------------------------------------------ a world that changes
+def step_keys(folder: Path) -> dict[int, list[str]]:
+    """train.sample_log: each step's keys over the ranks of the attempt that trained it last."""
+    by_attempt: dict[tuple, dict[int, list[str]]] = {}
+    for f in sorted(folder.glob("*.jsonl")):
+        for line in f.read_text().splitlines():
+            rec = json.loads(line)
+            by_attempt.setdefault((rec["world"], rec["from"]), {}).setdefault(rec["step"], []).extend(rec["keys"])
+    steps: dict[int, list[str]] = {}
+    for attempt in sorted(by_attempt, key=lambda a: a[1]):
+        steps.update({s: sorted(keys) for s, keys in by_attempt[attempt].items()})
+    return steps
+
+
+def parameters(ckpt: Path) -> dict:
+    state = checkpoint.load_state(ckpt, map_location="cpu")["model"]
+    return {k: v for k, v in state.items() if v.is_floating_point() and "running" not in k}
+
+
+def test_a_run_that_shrinks_and_grows_trains_on_the_global_batches_of_a_fixed_world(tmp_path, small_shards):
+    """2 ranks to step 4, 1 rank to step 8, 2 ranks to step 12, against 2 ranks throughout: the same
+    samples in every step (4 micro-batches of 2, dealt 2 + 2 or 4 + 0), and weights that differ only
+    by the order of the sums."""
+    sets = ("train.global_batch=8", "train.schedule=constant", "train.checkpoint_every=4")
+    fixed, elastic = tmp_path / "fixed", tmp_path / "elastic"
+    fixed.mkdir(), elastic.mkdir()
+    ref = torchrun(fixed, small_shards, 12, *sets, f"train.sample_log={fixed / 'samples'}")
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    logs = []
+    for steps, nproc in ((4, 2), (8, 1), (12, 2)):
+        proc = torchrun(elastic, small_shards, steps, *sets, f"train.sample_log={elastic / 'samples'}", nproc=nproc)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        logs.append(proc.stdout + proc.stderr)
+    assert "world 1, global batch 8 (4 micro-batches of 2, 4 a rank)" in logs[1], logs[1][-3000:]
+    assert re.search(r"written by a world of 2, this one has 1: the same global batches follow", logs[1])
+    assert "world 2, global batch 8 (4 micro-batches of 2, 2 a rank)" in logs[2]
+    want = step_keys(fixed / "samples")
+    assert sorted(want) == list(range(1, 13)) and all(len(k) == 8 for k in want.values())
+    assert step_keys(elastic / "samples") == want
+    a = parameters(checkpoint.find_latest(fixed / "ckpt" / "tr"))
+    b = parameters(checkpoint.find_latest(elastic / "ckpt" / "tr"))
+    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+    print(f"max abs weight difference after 12 steps: {diff:.3g}")
+    assert diff < 1e-4, diff

@@ -83,7 +83,8 @@ class ModelConfig:
 class TrainConfig:
     steps: Annotated[int, Ge(1)] = 400  # total optimiser steps
     batch_size: Annotated[int, Ge(1)] = 2  # per worker, per micro-step
-    accumulation: Annotated[int, Ge(1)] = 1  # micro-steps per optimiser step
+    accumulation: Annotated[int, Ge(1)] = 1  # micro-steps per optimiser step (at the world size the run starts with)
+    global_batch: Annotated[int, Ge(0)] = 0  # images per optimiser step over all ranks, kept when the world size changes (docs/reliability.md); 0 = batch_size x accumulation x the first world size (Ray: train.workers), kept by the run's checkpoints
     optimizer: Optimizer = "adamw"  # adamw | sgd
     lr: Annotated[float, Gt(0)] = 3e-3  # peak learning rate, after warm-up
     weight_decay: Annotated[float, Ge(0)] = 1e-4  # decoupled (adamw) or L2 (sgd)
@@ -106,7 +107,10 @@ class TrainConfig:
     checkpoint_async: bool = True  # rank 0 snapshots the state to host memory and writes and uploads it in the background; a checkpoint due while one is in flight waits for it (docs/reliability.md)
     checkpoint_dir: Annotated[str, NotEmpty()] = "runs/checkpoints"  # <checkpoint_dir>/<run_name>/; on a cluster shared storage or an s3://, gs://, az:// URL
     run_name: Annotated[str, Name()] = "unet-demo"  # names the checkpoint folder and the Ray run; reuse it to resume
-    workers: Annotated[int, Ge(1)] = 2  # Ray Train workers (torchrun: --nproc_per_node decides)
+    workers: Annotated[int, Ge(1)] = 2  # Ray Train workers, the most with min_workers (torchrun: --nnodes x --nproc_per_node decides)
+    min_workers: Annotated[int, Ge(0)] = 0  # Ray: elastic training between min_workers and workers, same global batch and sample order at any size; 0 = a fixed group of workers
+    elastic_check_s: Annotated[float, Gt(0)] = 30.0  # Ray, elastic: seconds between Ray's checks for room to grow the group
+    sample_log: str = ""  # a local folder where every rank appends the sample keys of each step it trains (JSON lines): an audit of the data order; empty = off
     use_gpu: bool = False  # one GPU per rank, nccl; false: CPU, gloo
     cpus_per_worker: Annotated[int, Ge(1)] = 1  # Ray CPUs reserved per worker, and torch threads per rank on CPU
     max_failures: Annotated[int, Ge(-1)] = 2  # Ray FailureConfig: worker-group restarts after a failure; -1 = no limit
@@ -158,6 +162,10 @@ RULES = (
     Rule(("train.log_every", "train.steps"), "<= train.steps", lambda c: c.train.log_every <= c.train.steps),
     Rule(("train.warmup_steps", "train.steps"), "< train.steps",
          lambda c: c.train.warmup_steps == 0 or c.train.warmup_steps < c.train.steps),
+    Rule(("train.global_batch", "train.batch_size"), "a multiple of train.batch_size (0: batch_size x accumulation x world)",
+         lambda c: c.train.global_batch % c.train.batch_size == 0),
+    Rule(("train.min_workers", "train.workers"), "<= train.workers (0: a fixed group)",
+         lambda c: c.train.min_workers <= c.train.workers),
     Rule(("data.label_source", "data.layout"), "color unless data.layout is cityscapes",
          lambda c: c.data.label_source == "color" or c.data.layout == "cityscapes"),
     Rule(("quantize.k", "quantize.sample_pixels"), "<= quantize.sample_pixels",

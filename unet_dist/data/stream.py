@@ -4,13 +4,16 @@
 The training stream is a pure function of its position, so a resumed run sees exactly the
 samples (and the augmentation) an uninterrupted run would have seen.
 
-Position ``t`` (micro-batches taken by a rank) fixes everything: rank ``r`` of ``W`` takes the global
-sample positions ``p = (t * W + r) * B + j``; position ``p`` is sample ``perm_e[p % N]`` of epoch
-``e = p // N``, where ``perm_e`` is a permutation of all ``N`` train samples seeded by ``(seed, e)``.
-The augmentation of a sample draws from a generator seeded by ``(seed, e, crc32(key))``. Nothing
-depends on the number of loader workers, on which worker builds a batch, or on what came before:
-resuming at step ``k`` starts the stream at ``t = k * accumulation`` without reading, let alone
-decoding, the samples it skips.
+Position fixes everything. An optimiser step ``k`` (from 0) takes the ``M`` micro-batches
+``g = k * M ... k * M + M - 1`` (``M``: the global batch over the micro-batch size); micro-batch
+``g`` holds the global sample positions ``p = g * B + j``, and the ranks deal the step's micro-batches
+round-robin (rank ``r`` of ``W`` takes ``g = k * M + r, k * M + r + W, ...``). Position ``p`` is sample
+``perm_e[p % N]`` of epoch ``e = p // N``, where ``perm_e`` is a permutation of all ``N`` train samples
+seeded by ``(seed, e)``. The augmentation of a sample draws from a generator seeded by
+``(seed, e, crc32(key))``. So the samples of a step, and how each is augmented, depend on neither the
+world size (an elastic group that shrinks or grows trains on the same global batches) nor the number
+of loader workers, nor on what came before: resuming at step ``k`` starts the stream there without
+reading, let alone decoding, the samples it skips.
 
 Samples are read by random access: the tar shards are uncompressed, so an index of each member's
 offset and size is enough to read one sample's bytes. A local shard is indexed from its tar headers
@@ -31,6 +34,7 @@ import tarfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -76,19 +80,28 @@ def index_shards(urls: list[str], local: dict[str, Path] | None = None) -> list[
 @dataclass(frozen=True)
 class StreamSpec:
     seed: int
-    rank: int
-    world: int
     batch_size: int
 
 
-def positions(spec: StreamSpec, t: int, n: int) -> list[tuple[int, int]]:
-    """(epoch, sample index) of each sample in rank ``spec.rank``'s batch ``t``."""
-    first = (t * spec.world + spec.rank) * spec.batch_size
+def positions(spec: StreamSpec, g: int, n: int) -> list[tuple[int, int]]:
+    """(epoch, sample index) of each sample in micro-batch ``g``."""
     out = []
-    for p in range(first, first + spec.batch_size):
+    for p in range(g * spec.batch_size, (g + 1) * spec.batch_size):
         epoch, i = divmod(p, n)
         out.append((epoch, int(epoch_order(spec.seed, epoch, n)[i])))
     return out
+
+
+def micro_batches(step: int, per_step: int, rank: int, world: int) -> Iterator[int]:
+    """Rank ``rank``'s micro-batches from optimiser step ``step`` (counted from 0) on: each step's
+    ``per_step`` micro-batches dealt round-robin to the ``world`` ranks."""
+    for k in itertools.count(step):
+        yield from range(k * per_step + rank, (k + 1) * per_step, world)
+
+
+def share(per_step: int, rank: int, world: int) -> int:
+    """How many of a step's ``per_step`` micro-batches rank ``rank`` of ``world`` takes."""
+    return len(range(rank, per_step, world))
 
 
 _orders: dict[tuple[int, int, int], np.ndarray] = {}
@@ -108,8 +121,8 @@ def augment_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
 
 
 class TrainBatches(torch.utils.data.Dataset):
-    """Map-style: item ``t`` is rank ``spec.rank``'s batch ``t``. Read with an in-order DataLoader,
-    any number of workers yields the same sequence."""
+    """Map-style: item ``g`` is micro-batch ``g`` (:func:`positions`). Read with an in-order DataLoader
+    over a rank's :func:`micro_batches`, any number of workers yields the same sequence."""
 
     def __init__(self, samples: list[ShardEntry], aug: Augment, spec: StreamSpec, local: dict[str, Path] | None = None):
         self.samples, self.aug, self.spec = samples, aug, spec
@@ -131,9 +144,13 @@ class TrainBatches(torch.utils.data.Dataset):
             raw[suffix] = f.read(size)
         return raw
 
-    def __getitem__(self, t: int):
+    def keys(self, g: int) -> list[str]:
+        """The sample keys of micro-batch ``g``, without reading them."""
+        return [self.samples[i][1] for _, i in positions(self.spec, g, len(self.samples))]
+
+    def __getitem__(self, g: int):
         items = []
-        for epoch, i in positions(self.spec, t, len(self.samples)):
+        for epoch, i in positions(self.spec, g, len(self.samples)):
             raw = self.read(self.samples[i])
             items.append(train_sample(self.aug, raw, augment_rng(self.spec.seed, epoch, raw["__key__"])))
         return train_collate(items)
@@ -143,18 +160,21 @@ class TrainBatches(torch.utils.data.Dataset):
 
 
 def train_stream(urls: list[str], aug: Augment, batch_size: int, *, rank: int, world: int, seed: int,
-                 start: int, workers: int, pin_memory: bool, prefetch: int = 0) -> torch.utils.data.DataLoader:
-    """An endless iterator of batches for one rank, from micro-batch ``start`` on: uint8 source
-    regions, labels and augmentation plans, as :func:`unet_dist.data.augment.to_device` takes them.
-    ``prefetch``: batches each loader worker keeps in flight (0: torch's default, 2). Shards in an
-    object store are copied to this machine first (:meth:`unet_dist.storage.Location.cached_copy`)."""
-    spec = StreamSpec(seed=seed, rank=rank, world=world, batch_size=batch_size)
+                 start: int = 0, per_step: int | None = None, workers: int, pin_memory: bool,
+                 prefetch: int = 0) -> torch.utils.data.DataLoader:
+    """An endless iterator of rank ``rank``'s micro-batches from optimiser step ``start`` on: uint8
+    source regions, labels and augmentation plans, as :func:`unet_dist.data.augment.to_device` takes
+    them. ``per_step``: micro-batches per optimiser step across the ranks (default: one per rank);
+    the loader's ``dataset`` tells the keys of any micro-batch. ``prefetch``: batches each loader
+    worker keeps in flight (0: torch's default, 2). Shards in an object store are copied to this
+    machine first (:meth:`unet_dist.storage.Location.cached_copy`)."""
+    spec = StreamSpec(seed=seed, batch_size=batch_size)
     local = {url: storage.location(url).cached_copy() for url in urls}
     dataset = TrainBatches(index_shards(urls, local), aug, spec, local)
     return torch.utils.data.DataLoader(
-        dataset, batch_size=None, sampler=itertools.count(start), num_workers=workers,
-        pin_memory=pin_memory, persistent_workers=workers > 0, worker_init_fn=_ignore_sigterm,
-        prefetch_factor=(prefetch or None) if workers > 0 else None,
+        dataset, batch_size=None, sampler=micro_batches(start, per_step or world, rank, world),
+        num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0,
+        worker_init_fn=_ignore_sigterm, prefetch_factor=(prefetch or None) if workers > 0 else None,
         # Its own generator: creating the loader must not draw from the global torch RNG, whose
         # state the checkpoint restores.
         generator=torch.Generator().manual_seed(seed))

@@ -10,9 +10,11 @@ what follows each step. :func:`save` is the one place a checkpoint is written; w
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import time
+from pathlib import Path
 
 import torch
 
@@ -39,7 +41,8 @@ def train(cfg: Config, ctx: Context) -> RunSummary:
     observer = Observer(cfg, ctx, plan.run_dir)  # the goodput clock runs from ctx.started_at
     core = parts.trainable(cfg, ctx, plan)  # device, seeds, verified shards, model, optimiser, lr schedule
     progress = restore(core, ctx, observer)  # the newest checkpoint, if any; a refused one stops all ranks
-    p = parts.build(cfg, ctx, plan, core, progress.step, observer)  # DDP, loss, stream from there, tracking
+    p = parts.build(cfg, ctx, plan, core, progress.step, observer,  # DDP, loss, stream from there, tracking
+                    run_global_batch=progress.global_batch)
     run_steps(p, progress, Schedule.of(cfg.train))  # steps; evaluate and checkpoint when due
     return finish(p, progress)  # summary; rank 0 logs the model and closes the MLflow run
 
@@ -58,9 +61,11 @@ def restore(core: Trainable, ctx: Context, observer: Observer) -> Progress:
             else:
                 core.optimizer.load_state_dict(state["optimizer"])
                 core.scheduler.load_state_dict(state["scheduler"])
-                exact = rank_state.restore_rank_state(core.model, state, ctx.rank, ctx.world_size)
-                if not exact and ctx.rank == 0:
-                    log.warning("%s was written by another world size: the resume is not exact", ckpt_dir)
+                written_by = rank_state.restore_rank_state(core.model, state, ctx.rank, ctx.world_size)
+                if written_by != ctx.world_size and ctx.rank == 0:
+                    log.warning("%s was written by a world of %s, this one has %d: the same global batches follow, "
+                                "every rank starts from the mean of the saved ranks' BatchNorm statistics",
+                                ckpt_dir, written_by or "unknown size", ctx.world_size)
                 progress = Progress.restored(state)
                 progress.resumed_from = str(ckpt_dir)
                 observer.resumed_from(checkpoint.read_meta(ckpt_dir))
@@ -101,6 +106,8 @@ def _step(p: Parts, progress: Progress, step: int, due: Due) -> bool:
             log.error("non-finite loss at step %d: stopping; the last good checkpoint is kept%s",
                       bad, f" (found at step {step})" if bad != step else "")
         return False
+    if p.cfg.train.sample_log:
+        _log_samples(p, step)
     if due.log:
         _log_train(p, progress, step)
     if not _evaluate_and_checkpoint(p, progress, step, due):
@@ -114,19 +121,20 @@ def _step(p: Parts, progress: Progress, step: int, due: Due) -> bool:
 
 
 def _optimizer_step(p: Parts, progress: Progress, due: Due) -> int | None:
-    """One optimiser step over ``train.accumulation`` micro-batches, with no host synchronisation.
-    The loss is summed and a non-finite one recorded on the device; where the schedule reads the
-    device, the record is read before the update: the first non-finite step (the same on every rank)
-    is returned, and this step's update is not made, so no later checkpoint is ever written."""
+    """One optimiser step over this rank's share of the step's micro-batches (``p.share`` of
+    ``p.per_step``), with no host synchronisation. The loss is summed and a non-finite one recorded
+    on the device; where the schedule reads the device, the record is read before the update: the
+    first non-finite step (the same on every rank) is returned, and this step's update is not made,
+    so no later checkpoint is ever written."""
     t, w = p.cfg.train, progress.window
     step_loss = None
-    for micro in range(t.accumulation):
+    for micro in range(p.share):
         with p.observer.timed("data_wait"):
             batch = next(p.batches)
         images, target = to_device(batch, p.aug, p.device, t.channels_last)
-        loss = _forward_backward(p, images, target, sync=micro == t.accumulation - 1)
+        loss = _forward_backward(p, images, target, sync=micro == p.share - 1)
         step_loss = loss if step_loss is None else step_loss + loss
-    w.loss_sum, w.loss_n = w.loss_sum + step_loss, w.loss_n + 1
+    w.loss_sum, w.loss_n = w.loss_sum + step_loss / p.share, w.loss_n + 1  # this rank's mean micro-batch loss
     # clamp takes the step as a kernel argument: no host-to-device copy
     progress.first_bad = torch.where(torch.isfinite(step_loss), progress.first_bad,
                                      progress.first_bad.clamp(max=progress.step))
@@ -142,13 +150,29 @@ def _optimizer_step(p: Parts, progress: Progress, due: Due) -> int | None:
 
 
 def _forward_backward(p: Parts, images: torch.Tensor, target: torch.Tensor, sync: bool) -> torch.Tensor:
-    """One micro-batch; DDP all-reduces the gradients of the last one (``sync``) only."""
+    """One micro-batch; DDP all-reduces the gradients of the last one (``sync``) only. Its loss is
+    scaled by world / micro-batches per step: DDP's mean over the ranks then makes the gradient the
+    mean over the step's micro-batches, however many each rank took. Returns the unscaled loss."""
     no_sync = contextlib.nullcontext() if sync or p.ctx.world_size == 1 else p.net.no_sync()
     with no_sync, torch.autocast(p.device.type, dtype=p.dtype or torch.float32, enabled=p.dtype is not None):
         logits = p.step_fn(images)
-        loss = p.loss_fn(logits, target) / p.cfg.train.accumulation  # the loss works in fp32
-    loss.backward()
+        loss = p.loss_fn(logits, target)  # the loss works in fp32
+    (loss * (p.ctx.world_size / p.per_step)).backward()
     return loss.detach()
+
+
+def _log_samples(p: Parts, step: int) -> None:
+    """``train.sample_log``: the keys this rank trained ``step`` on, one JSON line, in a file of this
+    rank's attempt (``rank<r>-of<world>-from<step>.jsonl``): which samples made each global batch,
+    whatever the world size was."""
+    ctx = p.ctx
+    micro = list(range((step - 1) * p.per_step + ctx.rank, step * p.per_step, ctx.world_size))
+    line = {"step": step, "rank": ctx.rank, "world": ctx.world_size, "from": p.start_step, "micro_batches": micro,
+            "keys": [k for g in micro for k in p.stream.keys(g)]}
+    folder = Path(p.cfg.train.sample_log)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f"rank{ctx.rank}-of{ctx.world_size}-from{p.start_step}.jsonl", "a") as f:
+        f.write(json.dumps(line) + "\n")
 
 
 def _log_train(p: Parts, progress: Progress, step: int) -> None:
@@ -266,7 +290,8 @@ def save(p: Parts, progress: Progress, step: int, metrics: dict) -> None:
             meta = checkpoint.meta(p.cfg, step=step, best_miou=progress.best_miou, run_id=p.plan.run_id,
                                    world_size=ctx.world_size, launcher=ctx.launcher,
                                    manifest_sha256=p.plan.manifest_sha256)
-            meta.update(status=metrics.get("status"), data_position=step * p.cfg.train.accumulation,
+            state["global_batch"] = p.global_batch
+            meta.update(status=metrics.get("status"), global_batch=p.global_batch, data_position=step * p.per_step,
                         goodput=p.observer.ledger(step))  # the ledger a resumed attempt carries on
             snapshot = p.checkpointer.snapshot(step, state, meta)  # in host memory when in the background
         where = p.checkpointer.save(metrics, snapshot)

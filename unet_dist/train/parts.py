@@ -20,13 +20,15 @@ from torch.nn.parallel import DistributedDataParallel
 from unet_dist.config import Config
 from unet_dist.data import shards
 from unet_dist.data.augment import Augment
-from unet_dist.data.stream import train_stream
+from unet_dist.data.stream import TrainBatches, train_stream
+from unet_dist.data.stream import share as stream_share
 from unet_dist.errors import UnetDistError
 from unet_dist.losses import SegmentationLoss, class_weights
 from unet_dist import unet_geometry as geometry
 from unet_dist.model import UNet, margin
 from unet_dist.tracking import NullLogger, RunLogger
 from unet_dist.train import agree, preemption, telemetry
+from unet_dist.train.agree import AllRanksError
 from unet_dist.train.checkpointer import Checkpointer
 from unet_dist.train.context import Context
 from unet_dist.train.observer import Observer
@@ -58,9 +60,12 @@ class Parts(Trainable):
     crop: tuple[int, int]  # label crop
     aug: Augment
     batches: Iterator  # this rank's train stream, from the restored step on
+    stream: TrainBatches  # the stream's samples: the keys of any micro-batch (train.sample_log)
     val_urls: list[str]
     tracker: RunLogger | NullLogger  # rank 0's MLflow run; NullLogger elsewhere
-    global_batch: int
+    global_batch: int  # the run's, whatever the world size (global_batch)
+    per_step: int  # micro-batches per optimiser step over all ranks
+    share: int  # how many of them this rank takes
     preempt_group: object  # the process group the preemption flag is agreed on
     observer: Observer  # the goodput clock and the Prometheus series (train/observer.py)
     checkpointer: Checkpointer  # publishes checkpoints, in the background or not (train/checkpointer.py)
@@ -80,9 +85,13 @@ def trainable(cfg: Config, ctx: Context, plan: JobPlan) -> Trainable:
     return Trainable(device, model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg)))
 
 
-def build(cfg: Config, ctx: Context, plan: JobPlan, core: Trainable, start_step: int, observer: Observer) -> Parts:
-    """The rest, once the checkpoint is restored into ``core``: the stream resumes where it left off."""
+def build(cfg: Config, ctx: Context, plan: JobPlan, core: Trainable, start_step: int, observer: Observer,
+          run_global_batch: int = 0) -> Parts:
+    """The rest, once the checkpoint is restored into ``core``: the stream resumes where it left off.
+    ``run_global_batch``: the global batch the restored checkpoint was trained with (0: none)."""
     t, device = cfg.train, core.device
+    batch = global_batch(cfg, ctx, run_global_batch)
+    per_step = batch // t.batch_size
     if t.channels_last:
         core.model.to(memory_format=torch.channels_last)
     net = DistributedDataParallel(core.model, device_ids=[device.index] if device.type == "cuda" else None) \
@@ -93,21 +102,46 @@ def build(cfg: Config, ctx: Context, plan: JobPlan, core: Trainable, start_step:
     crop = label_crop(cfg)
     aug = Augment(crop=crop, scale=tuple(t.scale), flip=t.flip,
                   margin=margin(cfg.model.depth) if cfg.model.padding == "valid" else 0)
-    batches = iter(train_stream(  # a pure function of its position: it resumes where the restored step left off
+    loader = train_stream(  # a pure function of its position: it resumes where the restored step left off
         shards.shard_paths(cfg.shards.dir, plan.manifest, "train"), aug, t.batch_size, rank=ctx.rank,
-        world=ctx.world_size, seed=t.seed, start=start_step * t.accumulation, workers=t.loader_workers,
-        pin_memory=device.type == "cuda", prefetch=cfg.shards.prefetch))
+        world=ctx.world_size, seed=t.seed, start=start_step, per_step=per_step, workers=t.loader_workers,
+        pin_memory=device.type == "cuda", prefetch=cfg.shards.prefetch)
     preempt_group = preemption.cpu_group()
-    global_batch = t.batch_size * t.accumulation * ctx.world_size
-    tracker = open_tracker(cfg, ctx, plan, start_step, global_batch, device.type)
+    tracker = open_tracker(cfg, ctx, plan, start_step, batch, device.type)
     if ctx.rank == 0:
-        log.info("training %d steps from step %d: world %d, global batch %d, crop %s, device %s",
-                 t.steps, start_step, ctx.world_size, global_batch, crop, device)
+        log.info("training %d steps from step %d: world %d, global batch %d (%d micro-batches of %d, %s a rank), "
+                 "crop %s, device %s", t.steps, start_step, ctx.world_size, batch, per_step, t.batch_size,
+                 _shares(per_step, ctx.world_size), crop, device)
     return Parts(**vars(core), cfg=cfg, ctx=ctx, plan=plan, start_step=start_step, net=net, step_fn=step_fn,
-                 loss_fn=loss_fn, dtype=amp_dtype(cfg, device), crop=crop, aug=aug, batches=batches,
-                 val_urls=shards.shard_paths(cfg.shards.dir, plan.manifest, "val"), tracker=tracker,
-                 global_batch=global_batch, preempt_group=preempt_group, observer=observer,
+                 loss_fn=loss_fn, dtype=amp_dtype(cfg, device), crop=crop, aug=aug, batches=iter(loader),
+                 stream=loader.dataset, val_urls=shards.shard_paths(cfg.shards.dir, plan.manifest, "val"),
+                 tracker=tracker, global_batch=batch, per_step=per_step,
+                 share=stream_share(per_step, ctx.rank, ctx.world_size), preempt_group=preempt_group, observer=observer,
                  checkpointer=Checkpointer(ctx, t.checkpoint_async, persist=tracker.persist))
+
+
+def global_batch(cfg: Config, ctx: Context, run_global_batch: int = 0) -> int:
+    """Images per optimiser step, the same at any world size so that an elastic group (or a resume at
+    another size) trains on the same global batches: ``train.global_batch``, else the run's own (its
+    checkpoint's), else ``batch_size x accumulation x`` the world size it starts with (under Ray
+    ``train.workers``, the most an elastic group has). Every rank gets the same answer, and the same
+    error when the world is larger than the step's micro-batches."""
+    t = cfg.train
+    starting_world = t.workers if ctx.launcher == "ray" else ctx.world_size
+    batch = t.global_batch or run_global_batch or t.batch_size * t.accumulation * starting_world
+    if batch % t.batch_size:
+        raise AllRanksError(f"train.batch_size={t.batch_size} does not divide the run's global batch of {batch} "
+                            "(from its checkpoint): set train.global_batch, or a batch_size that divides it")
+    if batch // t.batch_size < ctx.world_size:
+        raise AllRanksError(f"world size {ctx.world_size} is larger than the {batch // t.batch_size} micro-batches "
+                            f"of a step (global batch {batch} / train.batch_size {t.batch_size}): some ranks "
+                            "would have no data; raise train.global_batch or start fewer ranks")
+    return batch
+
+
+def _shares(per_step: int, world: int) -> str:
+    counts = sorted({stream_share(per_step, r, world) for r in range(world)}, reverse=True)
+    return " or ".join(map(str, counts))
 
 
 def open_tracker(cfg: Config, ctx: Context, plan: JobPlan, start_step: int, global_batch: int,

@@ -39,6 +39,7 @@ class Progress:
     window: Window = field(default_factory=Window)
     first_bad: torch.Tensor | None = None  # the first step with a non-finite loss (NO_STEP: none), on the device
     loop_s: float = 0.0  # the steps' wall time, evaluations and checkpoints included
+    global_batch: int = 0  # the global batch of the restored checkpoint (0: none, or one from before it was kept)
 
     def saved_state(self) -> dict:
         """What a checkpoint keeps of the progress."""
@@ -46,4 +47,5 @@ class Progress:
 
     @classmethod
     def restored(cls, state: dict) -> Progress:
-        return cls(step=int(state["step"]), best_miou=float(state["best_miou"]))
+        return cls(step=int(state["step"]), best_miou=float(state["best_miou"]),
+                   global_batch=int(state.get("global_batch", 0)))

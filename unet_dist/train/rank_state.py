@@ -48,17 +48,32 @@ def gather_rank_states(model: torch.nn.Module, world_size: int) -> list[dict] | 
     return states
 
 
-def restore_rank_state(model: torch.nn.Module, state: dict, rank: int, world_size: int) -> bool:
-    """Restore this rank's RNG and buffers; False when the checkpoint was made by another world size
-    (then rank 0's RNG state is used and the resume is not exact)."""
+def restore_rank_state(model: torch.nn.Module, state: dict, rank: int, world_size: int) -> int | None:
+    """Restore this rank's RNG and buffers; returns the world size that wrote the checkpoint (None:
+    not recorded). From another world size (an elastic group that shrank or grew) every rank takes
+    the mean of the saved ranks' buffers, what the next evaluation would have averaged, and rank 0's
+    RNG; the batches are the same (the stream is dealt by step, not by rank), the BatchNorm running
+    statistics are not bit for bit."""
     ranks = state.get("ranks")
-    if not ranks or len(ranks) != world_size:
-        set_rng_state(state["rng"])
-        return False
-    mine = ranks[rank]
-    set_rng_state(mine["rng"])
+    if ranks and len(ranks) == world_size:
+        mine = ranks[rank]
+        set_rng_state(mine["rng"])
+        _copy_buffers(model, mine["buffers"])
+        return world_size
+    set_rng_state(state["rng"])
+    if ranks:
+        _copy_buffers(model, _mean_buffers([r["buffers"] for r in ranks]))
+    return len(ranks) if ranks else None
+
+
+def _mean_buffers(per_rank: list[dict]) -> dict:
+    """Floating-point buffers averaged over the ranks; counters (num_batches_tracked) from rank 0."""
+    return {name: torch.stack([b[name] for b in per_rank]).mean(0) if b0.is_floating_point() else b0
+            for name, b0 in per_rank[0].items()}
+
+
+def _copy_buffers(model: torch.nn.Module, buffers: dict) -> None:
     with torch.no_grad():
         for name, buf in model.named_buffers():
-            if name in mine["buffers"]:
-                buf.copy_(mine["buffers"][name].to(buf.device))
-    return True
+            if name in buffers:
+                buf.copy_(buffers[name].to(buf.device))
