@@ -30,7 +30,10 @@ Environment (default):
   RUN_ID        rendezvous id shared by all nodes of one run (unet-dist)
   CONFIG        config file (jobs/configs/cityscapes.yaml)
   NPROC         processes per node: auto, gpu, cpu or a number (auto)
-  MAX_RESTARTS  worker-group restarts before giving up (3)
+  MAX_RESTARTS  worker-group restarts before giving up (3); with NNODES=MIN:MAX a node that joins
+                restarts the group without using one up
+  RDZV_CONF     more c10d rendezvous settings, KEY=VALUE[,KEY=VALUE], e.g. last_call_timeout=5
+                (seconds an elastic rendezvous waits for more nodes once MIN have joined; 30)
   TORCHRUN      torchrun executable (torchrun)
   PYTHON        interpreter with unet_dist installed, for the config check and LOCAL_ADDR
                 (the python next to TORCHRUN, else python3)
@@ -51,6 +54,8 @@ MASTER_PORT="${MASTER_PORT:-29500}" && check_port MASTER_PORT
 RUN_ID="${RUN_ID:-unet-dist}" && check_name RUN_ID
 NPROC="${NPROC:-auto}" && check_nproc NPROC
 MAX_RESTARTS="${MAX_RESTARTS:-3}" && check_count MAX_RESTARTS 0
+[[ -z "${RDZV_CONF:-}" || "$RDZV_CONF" =~ ^[a-z_]+=[A-Za-z0-9_.]+(,[a-z_]+=[A-Za-z0-9_.]+)*$ ]] \
+    || die "RDZV_CONF=$RDZV_CONF: expected KEY=VALUE[,KEY=VALUE] (e.g. last_call_timeout=5)"
 TORCHRUN="${TORCHRUN:-torchrun}" && check_program TORCHRUN
 CONFIG="${CONFIG:-jobs/configs/cityscapes.yaml}"
 resolve_config
@@ -80,7 +85,7 @@ run_torchrun "$TORCHRUN" \
     --rdzv-backend=c10d \
     --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" \
     --rdzv-id="$RUN_ID" \
-    --rdzv-conf="is_host=$IS_HOST" \
+    --rdzv-conf="is_host=$IS_HOST${RDZV_CONF:+,$RDZV_CONF}" \
     "${LOCAL_ADDR_ARGS[@]}" \
     --max-restarts="$MAX_RESTARTS" \
     -m unet_dist.train --config "$CONFIG" "${SET_ARGS[@]}"

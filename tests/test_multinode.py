@@ -104,10 +104,10 @@ def metric_steps(c: Cluster, run_id: str, key: str = "train/loss") -> list[int]:
 
 # ------------------------------------------------------------------------------------------ torchrun
 def torchrun_node(c: Cluster, node: str, rank: int, master: str, rdzv: str, log: Path, *sets: str,
-                  restarts: int = 0) -> subprocess.Popen:
-    env = c.env(node, NNODES="2", NODE_RANK=str(rank), MASTER_ADDR=master, MASTER_PORT="29400", RUN_ID=rdzv,
+                  restarts: int = 0, nnodes: str = "2", **env: str) -> subprocess.Popen:
+    env = c.env(node, NNODES=nnodes, NODE_RANK=str(rank), MASTER_ADDR=master, MASTER_PORT="29400", RUN_ID=rdzv,
                 NPROC="1", MAX_RESTARTS=str(restarts), CONFIG="jobs/configs/smoke.yaml",
-                TORCHRUN=str(BIN / "torchrun"), PYTHON=str(BIN / "python"), MLFLOW_TRACKING_URI=c.mlflow_uri)
+                TORCHRUN=str(BIN / "torchrun"), PYTHON=str(BIN / "python"), MLFLOW_TRACKING_URI=c.mlflow_uri, **env)
     return c.popen(node, ["bash", REPO / "jobs" / "torchrun_multi.sh", *TINY, *sets], log=log, env=env, cwd=REPO)
 
 
@@ -185,6 +185,115 @@ def test_evaluation_on_two_nodes_gives_the_confusion_matrix_of_one_process(torch
     single, two = last(one.stdout), last("".join(p.read_text() for p in logs))
     assert two["confusion"] == single["confusion"] and sum(map(sum, single["confusion"])) > 0
     assert two["miou"] == single["miou"]
+
+
+# ------------------------------------------------------------------------------- elastic torchrun
+ELASTIC = ("train.global_batch=4", "train.schedule=constant",  # 2 micro-batches of 2 a step: 1 + 1 or 2 + 0
+           "train.checkpoint_every=20", "train.log_every=5")
+
+
+def step_keys(folder: Path) -> dict[int, list[str]]:
+    """train.sample_log: each step's keys over the ranks of the attempt that trained it last."""
+    by_attempt: dict[tuple, dict[int, list[str]]] = {}
+    for f in sorted(folder.glob("*.jsonl")):
+        for line in f.read_text().splitlines():
+            rec = json.loads(line)
+            by_attempt.setdefault((rec["world"], rec["from"]), {}).setdefault(rec["step"], []).extend(rec["keys"])
+    steps: dict[int, list[str]] = {}
+    for attempt in sorted(by_attempt, key=lambda a: a[1]):
+        steps.update({s: sorted(keys) for s, keys in by_attempt[attempt].items()})
+    return steps
+
+
+def worlds(text: str) -> list[int]:
+    return [int(w) for w in re.findall(r"training \d+ steps from step \d+: world (\d+), global batch 4 ", text)]
+
+
+@pytest.fixture(scope="module")
+def torchrun_elastic(cluster):
+    """NNODES=1:2 on node0 + node1. node1 is powered off after a checkpoint: node0 goes on alone at
+    once (no waiting for node1); node1 comes back and the group grows to two again. Against a
+    fixed-size run of one process on the same config."""
+    c, steps, name = cluster, 400, "elastic"
+    run_dir, samples = c.nfs / "ckpt" / name, c.nfs / "samples"
+    logs = [c.root / f"el-{n}.log" for n in ("node0", "node1", "node1-again", "fixed")]
+    sets = (f"train.steps={steps}", f"train.run_name={name}", *ELASTIC)
+    extra = dict(nnodes="1:2", restarts=2, RDZV_CONF="last_call_timeout=3")
+    # The fixed-size run: one torchrun rank, as many threads as an elastic rank (the sums inside a
+    # convolution follow the thread count).
+    ref = c.run("node0", ["bash", REPO / "jobs" / "torchrun_single.sh", *TINY, *sets, "train.run_name=fixed",
+                          "train.sample_log=/mnt/shared/fixed"], cwd=REPO, timeout=600,
+                env=c.env("node0", NPROC="1", MAX_RESTARTS="0", CONFIG="jobs/configs/smoke.yaml",
+                          TORCHRUN=str(BIN / "torchrun"), MLFLOW_TRACKING_URI=c.mlflow_uri))
+    logs[3].write_text(ref.stdout + ref.stderr)
+    sets = (*sets, "train.sample_log=/mnt/shared/samples")
+    p0 = torchrun_node(c, "node0", 0, "node0", name, logs[0], *sets, **extra)
+    p1 = torchrun_node(c, "node1", 1, "node0", name, logs[1], *sets, **extra)
+
+    def past_checkpoint():  # c10d deals the ranks: rank 0, the one that logs, may be on either node
+        ckpt = latest_step(run_dir)
+        logged = logged_steps(logs[0].read_text() + logs[1].read_text(), steps)
+        return (ckpt, max(logged)) if ckpt >= 20 and logged and max(logged) > ckpt else None
+
+    wait_for(past_checkpoint, "a checkpoint and a later step", [p0, p1], logs[:2])
+    c.kill_node("node1")  # the agent and its rank: a machine gone
+    p1.wait(timeout=30)
+    lost_at = time.monotonic()
+
+    def alone():
+        text = logs[0].read_text()
+        cut = text.rfind("world 1, global batch")
+        return cut > 0 and len(logged_steps(text[cut:], steps)) >= 3
+
+    wait_for(alone, "node0 to train alone", [p0], logs[:1])
+    alone_after = time.monotonic() - lost_at
+    p1b = torchrun_node(c, "node1", 1, "node0", name, logs[2], *sets, **extra)
+    finish([p0, p1b], logs[:3], timeout=300)
+    return {"c": c, "logs": logs, "steps": steps, "run_dir": run_dir, "samples": samples, "alone_after": alone_after}
+
+
+def test_elastic_torchrun_goes_on_at_half_size_and_grows_back_when_the_node_returns(torchrun_elastic):
+    r = torchrun_elastic
+    text = "".join(p.read_text() for p in r["logs"][:3])
+    assert sorted(set(worlds(text))) == [1, 2], tail(r["logs"])
+    assert r["alone_after"] < 60, "node0 did not wait for node1"
+    assert re.search(r"written by a world of 2, this one has 1: the same global batches follow", text)
+    assert re.search(r"written by a world of 1, this one has 2: the same global batches follow", text)
+    meta = checkpoint.read_meta(checkpoint.find_latest(r["run_dir"]))
+    assert meta["step"] == r["steps"] and meta["world_size"] == 2 and meta["global_batch"] == 4
+
+
+def test_elastic_torchrun_trains_every_step_once_on_the_global_batches_of_a_fixed_size_run(torchrun_elastic):
+    r = torchrun_elastic
+    want = step_keys(r["c"].nfs / "fixed")
+    assert sorted(want) == list(range(1, r["steps"] + 1)) and all(len(k) == 4 for k in want.values())
+    assert step_keys(r["samples"]) == want
+
+
+def test_elastic_torchrun_logs_one_mlflow_run_once_per_step(torchrun_elastic):
+    r = torchrun_elastic
+    ids = run_ids("".join(p.read_text() for p in r["logs"][:3]))
+    assert len(ids) == 1, ids
+    run_id = ids.pop()
+    assert metric_steps(r["c"], run_id) == list(range(5, r["steps"] + 1, 5)), "each log step logged exactly once"
+    assert MlflowClient(mlflow_store(r["c"])).get_run(run_id).info.status == "FINISHED"
+
+
+def test_elastic_torchrun_ends_within_float_rounding_of_the_fixed_size_run(torchrun_elastic):
+    """The same samples in every step; only the sums may run in another order (here they do not:
+    one micro-batch on each of two ranks or two on one is the same arithmetic). BatchNorm's running
+    statistics follow the ranks (averaged at each change of size), so val mIoU may move a little."""
+    r = torchrun_elastic
+    fixed, elastic = r["c"].nfs / "ckpt" / "fixed", r["run_dir"]
+    a, b = (checkpoint.load_state(checkpoint.find_latest(d), map_location="cpu")["model"] for d in (fixed, elastic))
+    diff = max(float((a[k] - b[k]).abs().max()) for k in a if a[k].is_floating_point() and "running" not in k)
+    scores = [json.loads(r["c"].run("node0", [BIN / "python", "-m", "unet_dist.evaluate", "--model", str(d).replace(
+        str(r["c"].nfs), "/mnt/shared"), "--shards", "/mnt/shared/shards", "--json"], cwd=REPO).stdout.splitlines()[-1])["miou"]
+        for d in (fixed, elastic)]
+    print(f"elastic vs fixed after {r['steps']} steps: max abs weight difference {diff:.3g}, "
+          f"val mIoU {scores[1]:.4f} vs {scores[0]:.4f}")
+    assert diff < 1e-3, diff
+    assert abs(scores[1] - scores[0]) < 0.02, scores
 
 
 # ------------------------------------------------------------------------- host name resolves elsewhere

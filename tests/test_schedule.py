@@ -31,7 +31,7 @@ def test_stopping_checks_come_before_the_last_step_only():
     """A preemption is checked after every step but the last; a node drain at log steps but the last."""
     s = Schedule(steps=8, log_every=2, eval_every=0, checkpoint_every=100)
     assert steps_where(s, "preempt_check") == list(range(1, 8))
-    assert steps_where(s, "drain_check") == [2, 4, 6]
+    assert steps_where(s, "change_check") == [2, 4, 6]
 
 
 def test_schedule_of_a_config_takes_its_train_keys():

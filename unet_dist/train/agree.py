@@ -1,5 +1,5 @@
 """What every rank settles together, so no rank is left waiting and all end the same way: one error
-raised by all, BatchNorm statistics averaged, the first non-finite step, finite weights, and the final
+raised by all, rank 0's answer, BatchNorm statistics averaged, the first non-finite step, finite weights, and the final
 weights digest each rank states.
 """
 from __future__ import annotations
@@ -26,6 +26,15 @@ def all_ok(ok: bool, message: str, world_size: int) -> None:
         ok = not message
     if not ok:
         raise AllRanksError(message)
+
+
+def from_rank0(value, world_size: int, group=None):
+    """Rank 0's ``value`` on every rank (a collective)."""
+    if world_size == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0, group=group)
+    return box[0]
 
 
 def average_buffers(model: torch.nn.Module, world_size: int) -> None:

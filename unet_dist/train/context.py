@@ -26,9 +26,10 @@ class Context:
     report: Callable[[dict, Path | None], str | None]
     # The checkpoint directory to resume from, or None; callable as a context manager.
     latest_checkpoint: Callable[[], contextlib.AbstractContextManager]
-    # Ray: a reason when a node of this job is being drained (a spot reclaim), else None. Every rank
-    # calls it at the same steps (it is a barrier across the workers).
-    node_drain: Callable[[], str | None] | None = None
+    # Ray: a reason when the worker group is about to change, else None: a node of this job is being
+    # drained (a spot reclaim), or an elastic group below its size has room to grow (Ray restarts it
+    # larger at its next check). Every rank calls it at the same steps and gets the same answer.
+    group_change: Callable[[], str | None] | None = None
     # train.checkpoint_async: the same call, but rank 0 passes a checkpointer.Write (a snapshot in host
     # memory) that the launcher writes and publishes in the background, returning at once where it
     # will be published. No rank waits for it here: the loop does, at the next checkpoint and at the

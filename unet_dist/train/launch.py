@@ -225,7 +225,9 @@ def _ray_worker(loop_config: dict) -> RunSummary:
 
     ctx = Context(rank=rc.get_world_rank(), world_size=rc.get_world_size(), local_rank=rc.get_local_rank(),
                   launcher="ray", run_id=plan.run_id, report=report, report_async=report_async,
-                  node_drain=_ray_node_drain, plan=plan,
+                  group_change=lambda: _ray_node_drain() or (  # the loop takes rank 0's answer
+                      _room_to_grow(plan.cfg, rc.get_world_size()) if rc.get_world_rank() == 0 else None),
+                  plan=plan,
                   latest_checkpoint=lambda: _ray_latest(plan, restarted_after_a_checkpoint=checkpointed[0]),
                   started_at=started_at, launched_at=loop_config.get("launched_at"))  # goodput's clock
     try:
@@ -261,6 +263,22 @@ def _ray_node_drain() -> str | None:
         log.debug("no preemption info from Ray: %s", e)
         return None
     return f"Ray node drain ({len(info.preempted_node_ids)} node(s) of this job)" if info else None
+
+
+def _room_to_grow(cfg: Config, world: int) -> str | None:
+    """Elastic (train.min_workers), asked by rank 0: does the cluster have room for another worker
+    while the group is below train.workers? Ray Train's controller grows the group at its next check
+    (train.elastic_check_s) by restarting it from the latest checkpoint: one taken now loses only the
+    steps until then."""
+    import ray
+
+    t = cfg.train
+    if not t.min_workers or world >= t.workers:
+        return None
+    free = ray.available_resources()
+    if free.get("CPU", 0) >= t.cpus_per_worker and (not t.use_gpu or free.get("GPU", 0) >= 1):
+        return f"room for another worker (elastic, {world} of {t.workers})"
+    return None
 
 
 def _pin_ray_worker_interface() -> str:
@@ -318,12 +336,16 @@ def ray_trainer(plan: JobPlan, callbacks: tuple = (), gpus_per_worker: float = 1
 
     t = plan.cfg.train
     filesystem, storage_path = storage.location(t.checkpoint_dir).ray_storage()  # a store: same endpoint as ours
+    # Elastic: Ray Train V2 starts with as many workers as fit, down to min_workers, and resizes
+    # the group (a restart from the latest checkpoint) as nodes go and come.
+    elastic = 0 < t.min_workers < t.workers
     return TorchTrainer(
         _ray_worker,
         train_loop_config={"plan": plan.to_dict(), "preempt_key": _preempt_key(plan.cfg, plan.run_id),
                            "launched_at": launched_at},
         torch_config=_torch_config()(backend="nccl" if t.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=t.workers, use_gpu=t.use_gpu,
+        scaling_config=ScalingConfig(num_workers=(t.min_workers, t.workers) if elastic else t.workers,
+                                     use_gpu=t.use_gpu, elastic_resize_monitor_interval_s=t.elastic_check_s,
                                      resources_per_worker={"CPU": t.cpus_per_worker,
                                                            **({"GPU": gpus_per_worker} if t.use_gpu else {})}),
         run_config=RunConfig(
@@ -358,7 +380,8 @@ def fit_ray(plan: JobPlan, trainer) -> RunSummary:
         raise UnetDistError(done.error)
     # The scores as of the last report (what Ray's Result and Tune saw); the job's own facts from the plan.
     return dataclasses.replace(done, best_miou=measured(last.get("best_miou")), val_miou=measured(last.get("val_miou")),
-                               world_size=plan.cfg.train.workers, resumed_from=plan.latest, mlflow_run_id=plan.run_id)
+                               world_size=done.world_size or plan.cfg.train.workers, resumed_from=plan.latest,
+                               mlflow_run_id=plan.run_id)
 
 
 def run_ray(cfg: Config, launched_at: float | None = None) -> RunSummary:
@@ -368,7 +391,8 @@ def run_ray(cfg: Config, launched_at: float | None = None) -> RunSummary:
     init_ray()
     import ray
 
-    devices.check_ray_gpus(plan.cfg.train.use_gpu, plan.cfg.train.workers, ray.cluster_resources())
+    devices.check_ray_gpus(plan.cfg.train.use_gpu, plan.cfg.train.min_workers or plan.cfg.train.workers,
+                           ray.cluster_resources())
     multinode.check_ray_cluster(plan.cfg)  # before the run exists: a store or folder one node lacks
     plan = open_run(plan, "ray", plan.cfg.train.workers)
     _forward_driver_preemption(_preempt_key(plan.cfg, plan.run_id))

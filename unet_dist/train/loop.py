@@ -115,8 +115,8 @@ def _step(p: Parts, progress: Progress, step: int, due: Due) -> bool:
     if due.preempt_check and preemption.agreed(p.ctx.world_size, p.preempt_group):
         _checkpoint_preempted(p, progress, step)
         return False
-    if due.drain_check and p.ctx.node_drain and not progress.drain_saved:
-        return _checkpoint_before_drain(p, progress, step)
+    if due.change_check and p.ctx.group_change and not progress.change_saved:
+        return _checkpoint_before_change(p, progress, step)
     return True
 
 
@@ -252,20 +252,22 @@ def _checkpoint_preempted(p: Parts, progress: Progress, step: int) -> None:
                      step, preemption.seconds_since_request())
 
 
-def _checkpoint_before_drain(p: Parts, progress: Progress, step: int) -> bool:
-    """Ray says a node of this job is being drained (a spot reclaim notice): checkpoint now and go
-    on training. When the node goes, Ray Train restarts the workers from this checkpoint (counted
-    against FailureConfig.max_preemption_failures, not max_failures); if it never goes, nothing is
-    lost. False when the step could not be checkpointed (not finite: training stops)."""
-    why = p.ctx.node_drain()
+def _checkpoint_before_change(p: Parts, progress: Progress, step: int) -> bool:
+    """Ray says the worker group is about to change: a node of this job is being drained (a spot
+    reclaim notice), or an elastic group has room to grow. Checkpoint now and go on training. When
+    the node goes (or the group grows), Ray Train restarts the workers from this checkpoint (a drain
+    counts against FailureConfig.max_preemption_failures, not max_failures); if nothing changes,
+    nothing is lost. Once per attempt. False when the step could not be checkpointed (not finite:
+    training stops)."""
+    why = agree.from_rank0(p.ctx.group_change(), p.ctx.world_size, p.preempt_group)
     if why is None:
         return True
-    progress.drain_saved = True
+    progress.change_saved = True
     if p.ctx.rank == 0:
         log.warning("%s: checkpoint at step %d, training goes on", why, step)
     saved = _checkpoint_now(p, progress, step, "running")
     if saved:
-        _flush(p)  # the node may go any moment: this checkpoint in storage before the next step
+        _flush(p)  # the group may change any moment: this checkpoint in storage before the next step
     return saved
 
 

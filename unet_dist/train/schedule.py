@@ -19,7 +19,7 @@ class Due:
     checkpoint: bool
     last: bool
     preempt_check: bool  # ask every rank whether a preemption was requested (not after the last step)
-    drain_check: bool  # ask Ray whether a node of the job is being drained (at log steps, not the last)
+    change_check: bool  # ask the launcher whether the group is about to change: a node drain, room to grow (log steps, not the last)
 
     @property
     def read_device(self) -> bool:
@@ -44,4 +44,4 @@ class Schedule:
         return Due(log=log or last,
                    evaluate=bool(self.eval_every and step % self.eval_every == 0) or last,
                    checkpoint=step % self.checkpoint_every == 0 or last,
-                   last=last, preempt_check=not last, drain_check=log and not last)
+                   last=last, preempt_check=not last, change_check=log and not last)
