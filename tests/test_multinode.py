@@ -482,6 +482,75 @@ def test_a_ray_node_drain_checkpoints_at_once_and_training_goes_on(ray_cluster):
             time.sleep(1)
 
 
+@pytest.fixture(scope="module")
+def ray_elastic(ray_cluster):
+    """train.min_workers=1, train.workers=2 on node0 + node1 (one worker each). node1's raylet is
+    SIGKILLed after a checkpoint: Ray restarts the group with the one worker that fits and training
+    goes on; node1 comes back and the group grows to two again."""
+    c, steps, name = ray_cluster, 700, "ray-elastic"
+    run_dir, log = f"{S3_CKPT}/{name}", c.root / "ray-elastic.log"
+    proc = submit(c, log, f"train.steps={steps}", f"train.run_name={name}", "train.max_failures=3",
+                  "train.min_workers=1", "train.elastic_check_s=5", "train.sample_log=/mnt/shared/ray-samples", *ELASTIC)
+    try:
+        def past_checkpoint():
+            text = log.read_text()
+            ckpts, logged = published_steps(text), logged_steps(text, steps)
+            return (max(ckpts), max(logged)) if ckpts and logged and max(logged) > max(ckpts) else None
+
+        wait_for(past_checkpoint, "a checkpoint and a later step", [proc], [log], timeout=300)
+        for pid in c.find("node1", "raylet"):
+            os.kill(pid, signal.SIGKILL)
+        lost_at = time.monotonic()
+
+        def alone():
+            text = log.read_text()
+            cut = text.rfind("world 1, global batch")
+            return cut > 0 and len(logged_steps(text[cut:], steps)) >= 3
+
+        wait_for(alone, "one worker to train alone", [proc], [log], timeout=180)
+        alone_after = time.monotonic() - lost_at
+        c.kill_node("node1")  # what the raylet left behind: the machine reboots
+        ray_start(c, "node1")
+        finish([proc], [log], timeout=400)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return {"c": c, "text": log.read_text(), "steps": steps, "run_dir": run_dir, "alone_after": alone_after,
+            "samples": c.nfs / "ray-samples"}
+
+
+def test_elastic_ray_goes_on_with_the_workers_that_fit_and_grows_back(ray_elastic):
+    r = ray_elastic
+    assert worlds(r["text"])[0] == 2 and 1 in worlds(r["text"]) and worlds(r["text"])[-1] == 2, worlds(r["text"])
+    assert r["alone_after"] < 120, "the run waited for node1"
+    room = [int(s) for s in re.findall(r"room for another worker \(elastic, 1 of 2\): checkpoint at step (\d+)", r["text"])]
+    assert room, r["text"][-4000:]
+    grown = re.search(r"checkpoint_step-\d+ at step (\d+)\s.*?training \d+ steps from step \d+: world 2",
+                      r["text"][r["text"].rfind("world 1, global batch"):], re.S)
+    # Ray grows the group up to ~20 s + elastic_check_s after the room appears; the checkpoints taken
+    # meanwhile (every elastic_check_s) bound what the restart recomputes.
+    assert grown and int(grown.group(1)) >= room[0], "the grown group resumes from a checkpoint taken for the room"
+    assert s3_latest_step(r["c"], r["run_dir"]) == r["steps"]
+    assert re.search(rf"status\s+finished\s+steps\s+{r['steps']}\b", r["text"]), r["text"][-3000:]
+
+
+def test_elastic_ray_trains_every_step_on_the_global_batches_of_a_fixed_size_run(ray_elastic, torchrun_elastic):
+    r = ray_elastic
+    want = step_keys(r["c"].nfs / "fixed")  # the fixed-size torchrun run: the same shards and seed
+    got = step_keys(r["samples"])
+    assert sorted(got) == list(range(1, r["steps"] + 1))
+    assert all(got[s] == want[s] for s in want), "the same samples in each step"
+
+
+def test_elastic_ray_logs_one_mlflow_run_once_per_log_step(ray_elastic):
+    r = ray_elastic
+    ids = run_ids(r["text"])
+    assert len(ids) == 1, ids
+    run_id = ids.pop()
+    assert metric_steps(r["c"], run_id) == list(range(5, r["steps"] + 1, 5)), "each log step logged exactly once"
+    assert MlflowClient(mlflow_store(r["c"])).get_run(run_id).info.status == "FINISHED"
+
+
 def plain_submit(c: Cluster, log: Path, *sets: str) -> subprocess.Popen:
     """The README's plain ``ray job submit --working-dir .``: no runtime env, so no MLFLOW_TRACKING_URI."""
     args = [a for kv in [*TINY, "train.workers=2", f"shards.dir={S3_SHARDS}", f"train.checkpoint_dir={S3_CKPT}", *sets]

@@ -109,7 +109,7 @@ class TrainConfig:
     run_name: Annotated[str, Name()] = "unet-demo"  # names the checkpoint folder and the Ray run; reuse it to resume
     workers: Annotated[int, Ge(1)] = 2  # Ray Train workers, the most with min_workers (torchrun: --nnodes x --nproc_per_node decides)
     min_workers: Annotated[int, Ge(0)] = 0  # Ray: elastic training between min_workers and workers, same global batch and sample order at any size; 0 = a fixed group of workers
-    elastic_check_s: Annotated[float, Gt(0)] = 30.0  # Ray, elastic: seconds between Ray's checks for room to grow the group
+    elastic_check_s: Annotated[float, Gt(0)] = 30.0  # Ray: seconds between Ray's checks for room to grow an elastic group, and the least time between two checkpoints taken while the group is about to change (a node drain, room to grow)
     sample_log: str = ""  # a local folder where every rank appends the sample keys of each step it trains (JSON lines): an audit of the data order; empty = off
     use_gpu: bool = False  # one GPU per rank, nccl; false: CPU, gloo
     cpus_per_worker: Annotated[int, Ge(1)] = 1  # Ray CPUs reserved per worker, and torch threads per rank on CPU

@@ -115,7 +115,7 @@ def _step(p: Parts, progress: Progress, step: int, due: Due) -> bool:
     if due.preempt_check and preemption.agreed(p.ctx.world_size, p.preempt_group):
         _checkpoint_preempted(p, progress, step)
         return False
-    if due.change_check and p.ctx.group_change and not progress.change_saved:
+    if due.change_check and p.ctx.group_change:
         return _checkpoint_before_change(p, progress, step)
     return True
 
@@ -254,15 +254,19 @@ def _checkpoint_preempted(p: Parts, progress: Progress, step: int) -> None:
 
 def _checkpoint_before_change(p: Parts, progress: Progress, step: int) -> bool:
     """Ray says the worker group is about to change: a node of this job is being drained (a spot
-    reclaim notice), or an elastic group has room to grow. Checkpoint now and go on training. When
-    the node goes (or the group grows), Ray Train restarts the workers from this checkpoint (a drain
-    counts against FailureConfig.max_preemption_failures, not max_failures); if nothing changes,
-    nothing is lost. Once per attempt. False when the step could not be checkpointed (not finite:
-    training stops)."""
-    why = agree.from_rank0(p.ctx.group_change(), p.ctx.world_size, p.preempt_group)
+    reclaim notice), or an elastic group has room to grow. Checkpoint now and go on training; again
+    while the notice lasts, at most every ``train.elastic_check_s``. When the node goes (or Ray
+    grows the group, up to ~20 s + elastic_check_s after the room appears), Ray Train restarts the
+    workers from the newest checkpoint, so the restart recomputes at most that much; if nothing
+    changes, nothing is lost. (A drain counts against FailureConfig.max_preemption_failures, not
+    max_failures.) False when the step could not be checkpointed (not finite: training stops)."""
+    why = p.ctx.group_change()  # every rank: Ray's drain query is a barrier
+    if p.ctx.rank == 0 and time.monotonic() - progress.change_saved_at < p.cfg.train.elastic_check_s:
+        why = None  # saved for this notice a moment ago
+    why = agree.from_rank0(why, p.ctx.world_size, p.preempt_group)
     if why is None:
         return True
-    progress.change_saved = True
+    progress.change_saved_at = time.monotonic()
     if p.ctx.rank == 0:
         log.warning("%s: checkpoint at step %d, training goes on", why, step)
     saved = _checkpoint_now(p, progress, step, "running")

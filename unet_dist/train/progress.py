@@ -33,7 +33,7 @@ class Progress:
     status: str = "finished"  # how the run is ending: finished | preempted | non_finite_loss | non_finite_weights
     last_scores: dict = field(default_factory=dict)  # the last evaluation's scores
     saved: int = -1  # the step checkpointed last
-    change_saved: bool = False  # a checkpoint was taken for a coming change of the group (train/context.py)
+    change_saved_at: float = float("-inf")  # when a checkpoint was last taken for a coming change of the group (monotonic s)
     resumed_from: str | None = None  # the checkpoint restored
     last_checkpoint: str | None = None  # where the launcher published the last one
     window: Window = field(default_factory=Window)
