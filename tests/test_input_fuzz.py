@@ -279,8 +279,9 @@ def wrong_override(draw) -> tuple[str, str]:
 
 
 def test_every_key_but_free_text_gets_wrong_values():
-    """Only keys that take any text (a run's display name) have nothing wrong to fuzz."""
-    assert set(KEYS) - set(CHECKED) == {"mlflow.run_name"}
+    """Only keys that take any text (a run's display name, the sample log's folder) have nothing
+    wrong to fuzz."""
+    assert set(KEYS) - set(CHECKED) == {"mlflow.run_name", "train.sample_log"}
 
 
 @fuzz("wrong_value")
@@ -299,6 +300,11 @@ RULE_BREAKERS = {
     "train.warmup_steps": st.integers(1, 10**6).flatmap(
         lambda s: st.integers(s, s + 10**6).map(lambda w: [f"train.steps={s}", f"train.log_every=1",
                                                             f"train.warmup_steps={w}"])),
+    "train.global_batch": st.integers(2, 64).flatmap(
+        lambda b: st.integers(1, 10**6).filter(lambda g: g % b).map(
+            lambda g: [f"train.batch_size={b}", f"train.global_batch={g}"])),
+    "train.min_workers": st.integers(1, 64).flatmap(
+        lambda w: st.integers(w + 1, w + 100).map(lambda m: [f"train.workers={w}", f"train.min_workers={m}"])),
     "data.label_source": st.just(["data.layout=pairs", "data.label_source=labelIds"]),
     "quantize.k": st.integers(2, 254).flatmap(
         lambda k: st.integers(1, k - 1).map(lambda n: [f"quantize.k={k}", f"quantize.sample_pixels={n}"])),
@@ -332,7 +338,8 @@ def test_a_broken_rule_between_keys_is_one_error_line_naming_them(data, key):
 # ---------------------------------------------------------------------------------- right values
 # A base where every rule has room, so one right value for any key is a right config.
 ROOMY = ["train.steps=1000000", "train.log_every=1", "train.warmup_steps=0", "quantize.k=1",
-         "data.layout=cityscapes", "shards.photo_encoding=jpeg", "model.batch_norm=false"]
+         "data.layout=cityscapes", "shards.photo_encoding=jpeg", "model.batch_norm=false", "train.batch_size=1",
+         "train.workers=1000000"]
 RIGHT = {"train.log_every": st.integers(1, 10**6), "train.warmup_steps": st.integers(0, 10**6 - 1),
          "serve.tile": st.one_of(st.just(0), st.integers(128, 10**6))}
 
