@@ -1,5 +1,6 @@
 """Checkpoints written in the background (train.checkpoint_async): the same files as a synchronous
-write, a snapshot later steps cannot change, at most one write in flight (a due checkpoint waits),
+write, a snapshot later steps cannot change, at most one write in flight (a due checkpoint waits, or
+is skipped with train.checkpoint_when_busy: skip),
 the tracking records persisted before the checkpoint is published, a failed write stopping the run;
 and, for real, a torchrun job killed during a slow background upload to the moto S3 server resuming
 from the previous complete checkpoint with the weights of a run that never stopped.
@@ -133,6 +134,28 @@ def test_a_checkpoint_due_while_one_is_in_flight_waits_for_it_and_records_persis
     saver.flush()
     assert gated.started == [1, 2] and gated.order == ["persist", "publish 1", "persist", "publish 2"]
     assert checkpoint.read_meta(checkpoint.find_latest(tmp_path))["step"] == 2
+
+
+@pytest.mark.parametrize("when_busy", ["wait", "skip"])
+def test_a_slow_store_makes_the_loop_wait_or_skip_checkpoints_by_the_configured_rule(tiny_shards, tmp_path, when_busy):  # noqa: F811
+    """Step 1's write takes a second, far longer than a step: ``wait`` keeps every scheduled
+    checkpoint, ``skip`` drops the ones due meanwhile and still waits for the last step's."""
+    published: list[int] = []
+
+    def slow(tmp: Path, step: int):
+        if step == 1:
+            threading.Event().wait(1.0)
+        published.append(step)
+        return checkpoint.publish(tmp, tmp_path, step)
+
+    cfg = tiny_run(tiny_shards, 6, "train.checkpoint_every=1", f"train.checkpoint_when_busy={when_busy}")
+    summary = train(cfg, background_context(tmp_path, [], publish=slow))
+    assert summary["status"] == "finished" and summary["steps"] == 6
+    if when_busy == "wait":
+        assert published == [1, 2, 3, 4, 5, 6]
+    else:
+        assert published[0] == 1 and published[-1] == 6 and 2 not in published, published
+    assert checkpoint.read_meta(checkpoint.find_latest(tmp_path))["step"] == 6
 
 
 def test_a_failed_background_write_stops_the_run_with_its_error(tiny_shards, tmp_path):  # noqa: F811

@@ -37,6 +37,7 @@ Optimizer = Literal["adamw", "sgd"]
 Schedule = Literal["cosine", "poly", "constant"]
 Precision = Literal["auto", "bf16", "fp32"]
 PhotoEncoding = Literal["source", "jpeg", "png"]
+WhenBusy = Literal["wait", "skip"]
 SEED = Within(0, 2**32 - 1)  # numpy and scikit-learn take seeds below 2^32
 
 
@@ -104,7 +105,8 @@ class TrainConfig:
     eval_every: Annotated[int, Ge(0)] = 250  # steps; 0 = only at the end
     eval_batches: Annotated[int, Ge(0)] = 0  # 0 = the whole val split
     checkpoint_every: Annotated[int, Ge(1)] = 250  # steps
-    checkpoint_async: bool = True  # rank 0 snapshots the state to host memory and writes and uploads it in the background; a checkpoint due while one is in flight waits for it (docs/reliability.md)
+    checkpoint_async: bool = True  # rank 0 snapshots the state to host memory and writes and uploads it in the background (docs/reliability.md)
+    checkpoint_when_busy: WhenBusy = "wait"  # a checkpoint due while the last one is still being written: wait for it (every scheduled checkpoint is kept) | skip it (the loop never waits; the last step, a preemption and a drain still wait)
     checkpoint_dir: Annotated[str, NotEmpty()] = "runs/checkpoints"  # <checkpoint_dir>/<run_name>/; on a cluster shared storage or an s3://, gs://, az:// URL
     run_name: Annotated[str, Name()] = "unet-demo"  # names the checkpoint folder and the Ray run; reuse it to resume
     workers: Annotated[int, Ge(1)] = 2  # Ray Train workers, the most with min_workers (torchrun: --nnodes x --nproc_per_node decides)

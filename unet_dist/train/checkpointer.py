@@ -7,10 +7,12 @@ usual rules (``meta.json`` last, never taken as the newest while incomplete), wh
 Whose thread it is, is the launcher's (``Context.report_async``): our own under torchrun, Ray's
 upload thread under Ray Train (``checkpoint_upload_mode=ASYNC``).
 
-The rule when a checkpoint comes due while the last one is still being written: **the loop waits**
-for it, and the wait counts as checkpoint time in goodput. So at most one write is in flight and
-no checkpoint the schedule names is ever skipped: a store slower than ``checkpoint_every`` steps
-slows training to its pace rather than leaving the newest checkpoint further and further behind.
+The rule when a checkpoint comes due while the last one is still being written
+(``train.checkpoint_when_busy``): by default **the loop waits** for it, and the wait counts as
+checkpoint time in goodput, so no checkpoint the schedule names is skipped: a store slower than
+``checkpoint_every`` steps slows training to its pace. With ``skip`` the loop goes on and the due
+checkpoint is not taken (the loop asks :attr:`Checkpointer.busy`); the newest checkpoint is then
+at most one write plus ``checkpoint_every`` steps old. Either way at most one write is in flight.
 It also keeps one host copy of the state (about 3x the weights) for the whole run: each snapshot
 is copied into the last one's memory, free again once its write is done. A preemption and the end
 of the run wait too (:meth:`Checkpointer.flush`), and a write that failed stops the run at the next
@@ -155,6 +157,11 @@ class Checkpointer:
             return self.ctx.report(metrics, None)
         with tempfile.TemporaryDirectory(prefix="unet-ckpt-") as tmp:
             return self.ctx.report(metrics, snapshot.write(Path(tmp)))
+
+    @property
+    def busy(self) -> bool:
+        """Rank 0: a write is still in flight."""
+        return self.in_flight is not None and not self.in_flight.done
 
     def wait(self) -> None:
         """The write in flight published (rank 0); raises its error."""

@@ -194,7 +194,7 @@ def _evaluate_and_checkpoint(p: Parts, progress: Progress, step: int, due: Due) 
         agree.average_buffers(p.model, p.ctx.world_size)
     if due.evaluate:
         _evaluate(p, progress, step)
-    if not due.checkpoint:
+    if not due.checkpoint or _skip_while_busy(p, step, due):
         return True
     if not agree.finite_state(p.model):  # a finite loss can sit on overflowed BatchNorm statistics
         progress.status = "non_finite_weights"
@@ -206,6 +206,18 @@ def _evaluate_and_checkpoint(p: Parts, progress: Progress, step: int, due: Due) 
         metrics["val_miou"] = progress.last_scores["miou"]
     save(p, progress, step, metrics)
     return True
+
+
+def _skip_while_busy(p: Parts, step: int, due: Due) -> bool:
+    """``train.checkpoint_when_busy: skip``: a scheduled checkpoint (not the last) due while rank 0's
+    last one is still being written is not taken; every rank gets rank 0's answer."""
+    if p.cfg.train.checkpoint_when_busy != "skip" or due.last or not p.checkpointer.background:
+        return False
+    skip = agree.from_rank0(p.checkpointer.busy, p.ctx.world_size, p.preempt_group)
+    if skip and p.ctx.rank == 0:
+        log.info("checkpoint at step %d skipped: the last one is still being written (train.checkpoint_when_busy: skip)",
+                 step)
+    return skip
 
 
 def _evaluate(p: Parts, progress: Progress, step: int) -> None:
