@@ -27,8 +27,10 @@ UID = 1000
 MLFLOW_URI = f"http://mlflow.{NAMESPACE}.svc.cluster.local:5000"
 LAUNCHERS = ("ray", "trainjob", "pytorchjob", "tune", "batch")
 APPS = (*LAUNCHERS, "serve")  # sub-kustomizations applied on their own: the launchers and serving
-OVERLAYS = ("cpu-smoke", "gpu", "s3", "shared-gpu")  # shared-gpu: gpu, queued on Kueue, scraped by Prometheus
-SHARED_VOLUME = ("cpu-smoke", "gpu", "shared-gpu")  # s3: shards, checkpoints and artifacts in a bucket
+# shared-gpu: gpu, queued on Kueue, scraped by Prometheus; spot-gpu: gpu with elastic training
+OVERLAYS = ("cpu-smoke", "gpu", "s3", "shared-gpu", "spot-gpu")
+SHARED_VOLUME = ("cpu-smoke", "gpu", "shared-gpu", "spot-gpu")  # s3: shards, checkpoints and artifacts in a bucket
+ELASTIC = ("ray", "pytorchjob")  # the launchers spot-gpu makes elastic (it has no TrainJob)
 CLUSTER_KITS = ("cluster/kueue",)  # cluster-scoped objects a cluster admin applies once
 CLUSTER_SCOPED = {"Namespace", "ClusterQueue", "ResourceFlavor", "WorkloadPriorityClass"}
 KUEUE_API, MONITORING_API = "kueue.x-k8s.io/v1beta2", "monitoring.coreos.com/v1"
@@ -45,8 +47,9 @@ KUBECTL = shutil.which("kubectl")
 
 
 def apps(overlay: str) -> tuple[str, ...]:
-    """The sub-kustomizations an overlay has: the s3 variant packages no sweep (docs/sweeps.md)."""
-    return tuple(x for x in APPS if not (overlay == "s3" and x == "tune"))
+    """The sub-kustomizations an overlay has: the s3 variant packages no sweep (docs/sweeps.md),
+    spot-gpu no TrainJob (its launchers are the elastic ones)."""
+    return tuple(x for x in APPS if not (overlay == "s3" and x == "tune") and not (overlay == "spot-gpu" and x == "trainjob"))
 
 
 def kustomizations() -> list[str]:
@@ -167,7 +170,8 @@ def test_custom_resources_carry_the_fields_their_operators_require(overlay):
     by_kind = {}
     for obj in deployment(overlay):
         by_kind.setdefault(obj["kind"], []).append(obj)
-    assert {"RayJob", "TrainJob", "TrainingRuntime", "PyTorchJob"} <= set(by_kind), overlay
+    launchers = {"RayJob", "PyTorchJob"} | ({"TrainJob", "TrainingRuntime"} if "trainjob" in apps(overlay) else set())
+    assert launchers <= set(by_kind), overlay
 
     for job in by_kind["RayJob"]:
         spec = job["spec"]
@@ -186,8 +190,8 @@ def test_custom_resources_carry_the_fields_their_operators_require(overlay):
             assert group["groupName"] and group["template"]["spec"]["containers"]
             assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
 
-    runtimes = {r["metadata"]["name"]: r for r in by_kind["TrainingRuntime"]}
-    for job in by_kind["TrainJob"]:
+    runtimes = {r["metadata"]["name"]: r for r in by_kind.get("TrainingRuntime", [])}
+    for job in by_kind.get("TrainJob", []):
         assert job["apiVersion"] == "trainer.kubeflow.org/v1alpha1"
         ref = job["spec"]["runtimeRef"]
         assert ref["name"] == "torch-distributed"
@@ -207,12 +211,35 @@ def test_custom_resources_carry_the_fields_their_operators_require(overlay):
     for job in by_kind["PyTorchJob"]:
         assert job["apiVersion"] == "kubeflow.org/v1"
         replicas = job["spec"]["pytorchReplicaSpecs"]
-        assert set(replicas) <= {"Master", "Worker"} and "Master" in replicas
-        assert replicas["Master"]["replicas"] == 1
+        elastic = job["spec"].get("elasticPolicy")
+        if elastic:  # Worker pods only; the operator sets PET_NNODES=min:max and the rendezvous on worker-0
+            assert set(replicas) == {"Worker"} and elastic["rdzvBackend"] == "c10d"
+            assert 1 <= elastic["minReplicas"] <= replicas["Worker"]["replicas"] <= elastic["maxReplicas"]
+        else:
+            assert set(replicas) <= {"Master", "Worker"} and "Master" in replicas
+            assert replicas["Master"]["replicas"] == 1
         for role, rs in replicas.items():
             assert rs["restartPolicy"] == "OnFailure", role
             names = [c["name"] for c in rs["template"]["spec"]["containers"]]
             assert "pytorch" in names, f"PyTorchJob {role}: the operator needs a container named 'pytorch'"
+
+
+def test_spot_gpu_launchers_are_elastic_with_the_global_batch_of_the_full_size():
+    """Ray: 4 to 8 workers (train.min_workers=4, one pod of two); torchrun: --nnodes=1:2 through the
+    elasticPolicy, train.global_batch pinned to the full size's 8 GPUs x 4 images."""
+    from unet_dist.config import load_config
+
+    cfg = load_config(REPO / "jobs" / "configs" / "cityscapes.yaml")
+    full = cfg.train.batch_size * cfg.train.accumulation * cfg.train.workers
+    [ray] = [o for o in render("overlays/spot-gpu/ray") if o["kind"] == "RayJob"]
+    assert "--set train.min_workers=4" in ray["spec"]["entrypoint"] and cfg.train.workers == 8
+    [group] = ray["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    assert group["replicas"] == 2 and group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "4"
+    [job] = [o for o in render("overlays/spot-gpu/pytorchjob") if o["kind"] == "PyTorchJob"]
+    assert job["spec"]["elasticPolicy"]["minReplicas"] == 1 and job["spec"]["elasticPolicy"]["maxReplicas"] == 2
+    assert job["spec"]["nprocPerNode"] == "4"
+    args = " ".join(job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]["args"])
+    assert f"--set train.global_batch={full}" in args and "--nnodes" not in args and "--master-addr" not in args
 
 
 SHUTDOWN_TIMEOUT = "--shutdown-timeout=110"  # docs/preemption.md: ranks get this long to checkpoint
@@ -238,7 +265,7 @@ def torchrun_commands(objects: list[dict]) -> list[tuple[str, str, int | None]]:
 
 
 @pytest.mark.parametrize("rel", ["base/trainjob", "base/pytorchjob",
-                                 *(f"overlays/{o}/{x}" for o in OVERLAYS for x in ("trainjob", "pytorchjob"))])
+                                 *(f"overlays/{o}/{x}" for o in OVERLAYS for x in ("trainjob", "pytorchjob") if x in apps(o))])
 def test_every_torchrun_render_keeps_the_shutdown_timeout_within_the_grace_period(rel):
     """docs/preemption.md promises it on every training pod: without it torchrun SIGKILLs the ranks
     30 s after SIGTERM, before a large checkpoint is written."""
@@ -462,7 +489,7 @@ def test_data_shards_and_checkpoints_live_on_the_shared_volume(overlay):
                 mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts", [])}
                 assert mounts.get("/mnt/shared") in claims, f"{where(obj)}: {c['name']} does not mount the PVC at /mnt/shared"
                 checked += 1
-    assert checked >= 6
+    assert checked >= 2 + len(apps(overlay))  # preprocess, MLflow and at least one pod per launcher
     # The configs those pods run keep every path there.
     from unet_dist.config import load_config
 
