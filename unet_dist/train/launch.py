@@ -373,15 +373,15 @@ def fit_ray(plan: JobPlan, trainer) -> RunSummary:
             raise cause from None
         raise UnetDistError(f"Ray Train run '{plan.cfg.train.run_name}' failed: {str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__}") from None
     last = result.metrics or {}  # the last report
-    done = getattr(result, "return_value", None) or RunSummary(  # rank 0's summary
-        status=last.get("status", "finished"), steps=last.get("step"), checkpoint=plan.latest)
+    done = getattr(result, "return_value", None) or RunSummary(  # rank 0's summary (its world: an elastic group's last)
+        status=last.get("status", "finished"), steps=last.get("step"), checkpoint=plan.latest,
+        world_size=plan.cfg.train.workers)
     if done.status == "error":
         tracking.mark_failed(plan.tracking_uri, plan.run_id)
         raise UnetDistError(done.error)
     # The scores as of the last report (what Ray's Result and Tune saw); the job's own facts from the plan.
     return dataclasses.replace(done, best_miou=measured(last.get("best_miou")), val_miou=measured(last.get("val_miou")),
-                               world_size=done.world_size or plan.cfg.train.workers, resumed_from=plan.latest,
-                               mlflow_run_id=plan.run_id)
+                               resumed_from=plan.latest, mlflow_run_id=plan.run_id)
 
 
 def run_ray(cfg: Config, launched_at: float | None = None) -> RunSummary:
