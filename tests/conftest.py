@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -396,3 +397,17 @@ def store_env(monkeypatch):
 
     yield point
     storage.reset()
+
+
+def step_keys(folder: Path) -> dict[int, list[str]]:
+    """train.sample_log: each step's sample keys over the ranks of the attempt that trained it last
+    (an attempt: the world size and the step it resumed from)."""
+    by_attempt: dict[tuple, dict[int, list[str]]] = {}
+    for f in sorted(folder.glob("*.jsonl")):
+        for line in f.read_text().splitlines():
+            rec = json.loads(line)
+            by_attempt.setdefault((rec["world"], rec["from"]), {}).setdefault(rec["step"], []).extend(rec["keys"])
+    steps: dict[int, list[str]] = {}
+    for attempt in sorted(by_attempt, key=lambda a: a[1]):
+        steps.update({s: sorted(keys) for s, keys in by_attempt[attempt].items()})
+    return steps

@@ -23,7 +23,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from cluster import BIN, Cluster, mlflow_store, require_namespaces, s3_env, start_mlflow, start_s3
-from conftest import REPO, make_shards, patient
+from conftest import REPO, make_shards, patient, step_keys
 from unet_dist import checkpoint
 
 pytestmark = pytest.mark.slow
@@ -190,19 +190,6 @@ def test_evaluation_on_two_nodes_gives_the_confusion_matrix_of_one_process(torch
 # ------------------------------------------------------------------------------- elastic torchrun
 ELASTIC = ("train.global_batch=4", "train.schedule=constant",  # 2 micro-batches of 2 a step: 1 + 1 or 2 + 0
            "train.checkpoint_every=20", "train.log_every=5")
-
-
-def step_keys(folder: Path) -> dict[int, list[str]]:
-    """train.sample_log: each step's keys over the ranks of the attempt that trained it last."""
-    by_attempt: dict[tuple, dict[int, list[str]]] = {}
-    for f in sorted(folder.glob("*.jsonl")):
-        for line in f.read_text().splitlines():
-            rec = json.loads(line)
-            by_attempt.setdefault((rec["world"], rec["from"]), {}).setdefault(rec["step"], []).extend(rec["keys"])
-    steps: dict[int, list[str]] = {}
-    for attempt in sorted(by_attempt, key=lambda a: a[1]):
-        steps.update({s: sorted(keys) for s, keys in by_attempt[attempt].items()})
-    return steps
 
 
 def worlds(text: str) -> list[int]:

@@ -1,13 +1,12 @@
 """torchrun DDP on CPU (gloo) through the one-node launcher jobs/torchrun_single.sh: the same loop
 as Ray, real processes, small data."""
-import json
 import re
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import BIN, REPO, clean_env, run
+from conftest import BIN, REPO, clean_env, run, step_keys
 from unet_dist import checkpoint
 
 pytestmark = pytest.mark.slow  # torchrun with two gloo ranks
@@ -69,19 +68,6 @@ def test_eval_metrics_are_identical_for_one_and_two_workers(first_run):
 
 
 # ------------------------------------------------------------------------------ a world that changes
-def step_keys(folder: Path) -> dict[int, list[str]]:
-    """train.sample_log: each step's keys over the ranks of the attempt that trained it last."""
-    by_attempt: dict[tuple, dict[int, list[str]]] = {}
-    for f in sorted(folder.glob("*.jsonl")):
-        for line in f.read_text().splitlines():
-            rec = json.loads(line)
-            by_attempt.setdefault((rec["world"], rec["from"]), {}).setdefault(rec["step"], []).extend(rec["keys"])
-    steps: dict[int, list[str]] = {}
-    for attempt in sorted(by_attempt, key=lambda a: a[1]):
-        steps.update({s: sorted(keys) for s, keys in by_attempt[attempt].items()})
-    return steps
-
-
 def parameters(ckpt: Path) -> dict:
     state = checkpoint.load_state(ckpt, map_location="cpu")["model"]
     return {k: v for k, v in state.items() if v.is_floating_point() and "running" not in k}

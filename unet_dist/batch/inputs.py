@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from unet_dist import storage
 from unet_dist.errors import UnetDistError
 from unet_dist.mask_files import output_name, output_stem
 from unet_dist.photo_files import IMAGE_SUFFIXES
