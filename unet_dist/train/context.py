@@ -28,7 +28,8 @@ class Context:
     latest_checkpoint: Callable[[], contextlib.AbstractContextManager]
     # Ray: a reason when the worker group is about to change, else None: a node of this job is being
     # drained (a spot reclaim), or an elastic group below its size has room to grow (Ray restarts it
-    # larger at its next check). Every rank calls it at the same steps and gets the same answer.
+    # larger at its next check). Every rank calls it at the same steps (Ray's drain query is a
+    # barrier); the loop takes rank 0's answer.
     group_change: Callable[[], str | None] | None = None
     # train.checkpoint_async: the same call, but rank 0 passes a checkpointer.Write (a snapshot in host
     # memory) that the launcher writes and publishes in the background, returning at once where it
