@@ -7,7 +7,8 @@ Both launchers train across the two nodes through the user-facing scripts (jobs/
 jobs/torchrun_multi.sh), survive losing node 1 mid-run, and end with one MLflow run that logged each
 step once; evaluation on two nodes gives the confusion matrix of one process; nodes whose host name
 resolves to 127.0.1.1 still train (is_host from NODE_RANK, the collective interface chosen from the
-route to MASTER_ADDR).
+route to MASTER_ADDR). Elastic, both launchers go on at half size when node 1 goes and grow back when
+it returns, on the global batches of a fixed-size run (train.sample_log), in one MLflow run.
 """
 from __future__ import annotations
 
