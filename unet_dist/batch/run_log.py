@@ -19,19 +19,17 @@ class InferenceRun:
         self._guard("start", lambda: self._start(experiment, params, tags))
 
     def _start(self, experiment: str, params: dict, tags: dict) -> None:
-        from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
         from unet_dist import tracking_store
-        from unet_dist.tracking import artifact_location, bounded_requests
+        from unet_dist.tracking import bounded_requests, experiment_id, log_params
 
         bounded_requests()
         tracking_store.prepare(self.uri)
         client = MlflowClient(self.uri)
-        exp = client.get_experiment_by_name(experiment)
-        exp_id = exp.experiment_id if exp else client.create_experiment(experiment, artifact_location(self.uri))
-        run = client.create_run(exp_id, tags={"unet_dist.kind": "batch_predict", **tags})
-        client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+        run = client.create_run(experiment_id(client, experiment, self.uri),
+                                tags={"unet_dist.kind": "batch_predict", **tags})
+        log_params(client, run.info.run_id, params)
         self.client, self.run_id = client, run.info.run_id
         log.info("MLflow inference run %s in experiment %s (%s)", self.run_id, experiment, self.uri)
 

@@ -107,11 +107,25 @@ def _check_reachable(uri: str, budget_s: float) -> None:
             pause = min(pause * 2, 5.0)
 
 
-def artifact_location(uri: str) -> str | None:
+def _artifact_location(uri: str) -> str | None:
     # A sqlite store would otherwise put artifacts in ./mlruns of whichever process logs first.
     if uri.startswith("sqlite:///"):
         return (Path(uri[len("sqlite:///"):]).parent / "artifacts").as_uri()
     return None
+
+
+def experiment_id(client, name: str, uri: str) -> str:
+    """The id of experiment ``name`` in the store at ``uri``, created when missing (a sqlite store's
+    artifacts beside its database file)."""
+    exp = client.get_experiment_by_name(name)
+    return exp.experiment_id if exp else client.create_experiment(name, artifact_location=_artifact_location(uri))
+
+
+def log_params(client, run_id: str, params: dict) -> None:
+    """Every param in one request, each value cut to MLflow's 6000-character limit."""
+    from mlflow.entities import Param
+
+    client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
 
 
 def git_commit() -> str | None:
@@ -144,13 +158,10 @@ def start_run(cfg: Config, *, resume_run_id: str | None, tags: dict[str, str]) -
             return resume_run_id
         except Exception:  # the store was reset: start a fresh run rather than fail the job
             log.warning("MLflow run %s not found in %s; starting a new run", resume_run_id, uri)
-    exp = client.get_experiment_by_name(cfg.mlflow.experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(
-        cfg.mlflow.experiment, artifact_location=artifact_location(uri))
-    run = client.create_run(exp_id, run_name=cfg.mlflow.run_name or cfg.train.run_name, tags=tags)
-    params = [(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in flatten(cfg).items()]
-    from mlflow.entities import Param
-    client.log_batch(run.info.run_id, params=[Param(k, v[:6000]) for k, v in params])
+    run = client.create_run(experiment_id(client, cfg.mlflow.experiment, uri),
+                            run_name=cfg.mlflow.run_name or cfg.train.run_name, tags=tags)
+    log_params(client, run.info.run_id,
+               {k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in flatten(cfg).items()})
     log.info("MLflow run %s in experiment %s (%s)", run.info.run_id, cfg.mlflow.experiment, uri)
     return run.info.run_id
 
