@@ -9,6 +9,8 @@ tests/test_observability.py.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -111,6 +113,18 @@ def test_a_beacon_from_a_clock_ahead_of_this_one_is_not_counted_twice():
     clock.carry(last, None)
     snap = clock.snapshot(step=5)
     assert adds_up(snap, 0.001) and snap.seconds["restarts"] == 0
+
+
+def test_a_process_start_is_known_to_a_clock_tick():
+    """A fast restart (a new rank a few hundred ms after the old one died) must show as restart time,
+    so the start cannot be rounded to the second the way the boot time is."""
+    code = "from unet_dist.train import goodput; print(goodput.process_start(), goodput.process_start(parent=True))"
+    before = time.time()
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    after = time.time()
+    own, parent = map(float, child.stdout.split())
+    assert before - 0.02 <= own <= after
+    assert parent == pytest.approx(goodput.process_start(), abs=0.02)  # the parent is this process
 
 
 def test_ledgers_round_trip_and_a_torn_one_reads_as_none():

@@ -114,10 +114,15 @@ def last_logged_step(log: Path, steps: int) -> int:
 
 def past_a_checkpoint(run_dir: Path, log: Path, steps: int, at_least: int = 5) -> tuple[int, int] | None:
     """(checkpoint step, logged step) once a checkpoint exists and rank 0 has logged a later step: a
-    kill now loses work and leaves metric steps in MLflow that the resumed job must not log twice."""
+    kill now loses work and leaves metric steps in MLflow that the resumed job must not log twice.
+    The goodput beacon (written in the background after the log line) must be past the checkpoint
+    too: work after the last beacon shows up as restart time, not as recomputed work."""
+    from unet_dist.train import goodput
+
     c = latest_step(run_dir)
     logged = last_logged_step(log, steps)
-    return (c, logged) if c >= at_least and logged > c else None
+    beacon = goodput.read_beacon(run_dir) if c >= at_least and logged > c else None
+    return (c, logged) if beacon is not None and beacon.step > c else None
 
 
 def resumed_at(text: str) -> list[int]:

@@ -22,6 +22,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import REPO, clean_env, run
 from unet_dist import sweep as sweeps
+from unet_dist import tune
 from unet_dist.config import Config, load_config
 from unet_dist.errors import UnetDistError
 from unet_dist import checkpoint
@@ -151,6 +152,17 @@ def sweep(small_shards, mlflow_server, tmp_path_factory):
     (tmp / "sweep.log").write_text(proc.stdout + proc.stderr)
     return {"tmp": tmp, "out": proc.stdout, "summary": json.loads((tmp / "summary.json").read_text()),
             "client": MlflowClient(mlflow_server), "shards": small_shards}
+
+
+@pytest.mark.parametrize("errored, reported, step, status", [
+    (False, "finished", 8, "finished"),
+    (False, "running", 4, "stopped_early"),  # Tune's stop; the child run may already say FAILED
+    (False, None, None, "stopped_early"),  # stopped before its first report
+    (False, "non_finite_weights", 3, "failed"),  # the loop stopped it
+    (True, "running", 4, "error"),
+])
+def test_a_trials_status_comes_from_tune_and_the_loops_last_report(errored, reported, step, status):
+    assert tune.trial_status(errored, reported, step, steps=8) == status
 
 
 @pytest.mark.slow

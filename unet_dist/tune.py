@@ -31,6 +31,7 @@ from unet_dist.config import Config, config_from_args, dump_yaml, from_dict, to_
 from unet_dist.errors import UnetDistError
 from unet_dist.sweep import (Sweep, check_against_base, check_cluster, load_sweep, max_steps, param_space,
                              trial_config)
+from unet_dist.train import preemption
 
 log = logging.getLogger("unet_dist.tune")
 STATE_FILE = "unet_sweep.json"  # beside Tune's own experiment state: the parent run and sweep digest
@@ -122,6 +123,19 @@ def _child_runs(client, parent_run_id: str) -> dict[str, object]:
     return {r.data.tags.get("tune.trial_id"): r for r in runs}
 
 
+def trial_status(errored: bool, reported: str | None, step: int | None, steps: int) -> str:
+    """How a trial ended, from what Tune saw: its error, and the loop's status in its last report
+    ("running" until the loop's own last one). Not from the child run's MLflow status: when ASHA stops
+    a trial, its ``trainer.fit()`` may see the abort and mark the run FAILED before Tune kills it."""
+    if errored:
+        return "error"
+    if reported not in (None, "running", "finished", preemption.STATUS):
+        return "failed"  # the loop stopped it, e.g. non-finite weights
+    if step is not None and step >= steps:
+        return "finished"
+    return "stopped_early"
+
+
 def _rows(results, cfg: Config, sweep: Sweep, trials_dir: storage.Location, children: dict) -> list[dict]:
     """One row per trial: its values, how it ended, its score, MLflow run and newest checkpoint."""
     from unet_dist import checkpoint
@@ -132,14 +146,8 @@ def _rows(results, cfg: Config, sweep: Sweep, trials_dir: storage.Location, chil
         trial_id = metrics.get("trial_id")
         run = children.get(trial_id)
         step = metrics.get("step")
-        if res.error is not None:
-            status = "error"
-        elif run is not None and run.info.status == "FAILED":
-            status = "failed"  # e.g. a non-finite loss: the loop stopped it
-        elif step is not None and step >= int(res.config.get("train.steps", cfg.train.steps)):
-            status = "finished"
-        else:
-            status = "stopped_early"
+        status = trial_status(res.error is not None, metrics.get("status"), step,
+                              int(res.config.get("train.steps", cfg.train.steps)))
         latest = checkpoint.find_latest(trials_dir / trial_id) if trial_id else None
         rows.append({"trial_id": trial_id, **{k: res.config.get(k) for k in sweep.space}, "status": status,
                      "step": step, sweep.metric: metrics.get(sweep.metric), "best_miou": metrics.get("best_miou"),

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -177,11 +178,21 @@ class Clock:
 
 
 def process_start(parent: bool = False) -> float:
-    """When this process (or its parent: torchrun's agent for a rank) started, in epoch seconds."""
+    """When this process (or its parent: torchrun's agent for a rank) started, in epoch seconds.
+
+    On Linux from the process's start in clock ticks since boot and the boot clock: psutil's
+    ``create_time`` adds the boot time, which /proc/stat gives in whole seconds, so it can be up to
+    1 s early, and a fast restart would then look like no restart at all."""
     import psutil
 
     me = psutil.Process()
-    return ((me.parent() or me) if parent else me).create_time()
+    proc = (me.parent() or me) if parent else me
+    try:
+        fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        since_boot = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22, starttime
+        return time.time() - (time.clock_gettime(time.CLOCK_BOOTTIME) - since_boot)
+    except (OSError, IndexError, ValueError, AttributeError):  # not Linux
+        return proc.create_time()
 
 
 # ------------------------------------------------------------------------------------------ reports
