@@ -45,7 +45,7 @@ test: setup
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q -m "alone and not image" $(ARGS) || [ $$? -eq 5 ]
 
 test-fast: setup
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q -m "not slow and not image" $(ARGS)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q -n $(TEST_PROCS) --dist loadfile -m "not slow and not image" $(ARGS)
 
 # Every container of k8s/ run in the built image with podman, as its pod runs it (tests/test_image.py).
 # Needs root, podman and the base image (on a machine without a registry: `make image-base`).
