@@ -210,6 +210,20 @@ def kill_session(sid: int) -> None:
     psutil.wait_procs(mine, timeout=30)
 
 
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants, as a node loss would: torchrun starts each rank in
+    its own session, so a kill of the agent's process group leaves the ranks running."""
+    import psutil
+
+    with contextlib.suppress(psutil.NoSuchProcess):
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+        for p in procs:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        psutil.wait_procs(procs, timeout=30)
+
+
 class StoreServer:
     """A store server process for the tests: ``bucket()`` makes a new empty bucket (or container),
     so tests never share objects; ``objects()`` reads it back with the vendor's own client."""

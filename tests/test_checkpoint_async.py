@@ -8,8 +8,6 @@ from the previous complete checkpoint with the weights of a run that never stopp
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
 import subprocess
 import threading
 from pathlib import Path
@@ -17,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run
+from conftest import kill_tree, run
 from test_train_parts import cfg_with, tiny_run, tiny_shards  # noqa: F401 - the fixture
 from unet_dist import checkpoint
 from unet_dist.train.checkpointer import Checkpointer, Snapshot, Write, to_host
@@ -197,11 +195,10 @@ def test_job_killed_during_a_background_upload_resumes_from_the_previous_checkpo
         wait_until(lambda: "checkpoint at step 10: the loop was held" in log.read_text(),
                    what="the step-10 checkpoint to start", proc=proc, log=log, timeout=240)
         assert latest_step(run_dir) == 5, "the step-10 upload is still on its way"
-        os.killpg(proc.pid, signal.SIGKILL)  # the agent and both ranks, the upload thread with them
+        kill_tree(proc.pid)  # the agent and both ranks (their own sessions), the upload thread with them
         proc.wait()
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc.pid)
         link.close()
     first = log.read_text()
     assert "checkpoint of step 10 published" not in first, first[-3000:]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import itertools
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -97,6 +99,35 @@ def test_resumed_stream_equals_the_uninterrupted_one_with_any_worker_count(urls)
             assert torch.equal(a, b) and torch.equal(la, lb)
     other_rank = batches(urls, start=0, n=1, workers=0, rank=1)
     assert not torch.equal(whole[0][0], other_rank[0][0])
+
+
+LOADER_LEFT_OPEN = """
+import sys
+import psutil
+from unet_dist.data.augment import Augment
+from unet_dist.data.stream import train_stream
+from unet_dist.train import preemption
+
+preemption.install()  # as a training rank does, before its loader forks
+aug = Augment(crop=(16, 24), scale=(1.0, 1.0), flip=False)
+it = iter(train_stream(sys.argv[1:], aug, 2, rank=0, world=1, seed=0, workers=1, pin_memory=False))
+next(it)
+held = [it]
+held.append(held)  # a cycle: the open loader lives until the interpreter's exit
+print("workers", *[c.pid for c in psutil.Process().children()], flush=True)
+raise RuntimeError("a rank's error with its loader open")
+"""
+
+
+def test_a_rank_that_fails_with_its_loader_open_exits_and_its_loader_workers_with_it(urls):
+    """At exit multiprocessing stops a rank's open loader workers with SIGTERM and waits for them: a
+    worker that ignored SIGTERM (or ran the rank's preemption handler) would hold its rank for ever,
+    and torchrun would never see the failure."""
+    proc = subprocess.run([sys.executable, "-c", LOADER_LEFT_OPEN, *urls], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 1 and "a rank's error with its loader open" in proc.stderr, proc.stderr[-2000:]
+    workers = [int(p) for p in proc.stdout.split()[1:]]
+    assert workers and not any(Path(f"/proc/{p}").exists() for p in workers)
 
 
 def test_sigterm_sets_the_flag_and_a_second_one_would_stop_the_process():

@@ -29,6 +29,7 @@ for any world size.
 from __future__ import annotations
 
 import itertools
+import os
 import signal
 import tarfile
 import zlib
@@ -174,17 +175,21 @@ def train_stream(urls: list[str], aug: Augment, batch_size: int, *, rank: int, w
     return torch.utils.data.DataLoader(
         dataset, batch_size=None, sampler=micro_batches(start, per_step or world, rank, world),
         num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0,
-        worker_init_fn=_ignore_sigterm, prefetch_factor=(prefetch or None) if workers > 0 else None,
+        worker_init_fn=_own_process_group, prefetch_factor=(prefetch or None) if workers > 0 else None,
         # Its own generator: creating the loader must not draw from the global torch RNG, whose
         # state the checkpoint restores.
         generator=torch.Generator().manual_seed(seed))
 
 
-def _ignore_sigterm(worker_id: int) -> None:
-    """Loader workers leave SIGTERM to their rank (torchrun signals the whole process group): the
-    rank checkpoints at the next step boundary and needs its batches until then. Workers still end
-    with the rank (the DataLoader's watchdog)."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+def _own_process_group(worker_id: int) -> None:
+    """Loader workers leave a signal to their rank's process group to the rank: torchrun stops a rank
+    with SIGTERM to its group, and the rank checkpoints at the next step boundary, needing its batches
+    until then. A SIGTERM to the worker itself ends it: multiprocessing sends one when a rank exits
+    with its loader still open (after an error) and then waits for the worker, so a worker that
+    ignored it would hold its rank for ever. Workers also end with their rank (the DataLoader's
+    watchdog notices within 5 s)."""
+    os.setpgid(0, 0)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the rank's preemption handler, inherited by fork
 
 
 # ----------------------------------------------------------------------------------- evaluation
